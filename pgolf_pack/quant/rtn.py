@@ -93,8 +93,9 @@ def choose_scales(
         return to_fp16_scale(c * std / r), {"clip": "sdclip", "sigmas": c, "searched": True}
     # Per-row search over the same grid, vectorised across rows.
     grid = np.geomspace(lo, max(hi, lo * 1.01), 48)
-    best = np.full(w.shape[0], np.inf)
+    # Start from absmax so the per-row search is never worse than no clipping.
     best_s = to_fp16_scale(absmax / r).astype(np.float32)
+    best = _row_err(w, best_s, r, col_weight)
     for c in grid:
         s = to_fp16_scale(c * std / r).astype(np.float32)
         e = _row_err(w, s, r, col_weight)

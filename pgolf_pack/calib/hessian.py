@@ -1,0 +1,292 @@
+"""Collect GPTQ Hessians H = Σ xᵀx from any torch model, and store them in a safetensors file.
+
+Drop into a training script::
+
+    with HessianCollector(model, tied_lm_head={"final_norm": "tok_emb.weight"}) as hc:
+        for batch in calibration_batches:
+            model(batch)
+    save_hessians("hessians.safetensors", hc.hessians(), hc.counts())
+
+Forward hooks fire on every call, so a layer run several times per forward (depth recurrence,
+activation checkpointing's recomputation) accumulates every call; hooks need eager execution.
+
+File format (``save_hessians`` / ``load_hessians``): a safetensors file with one float32 tensor per
+weight, keyed by its state-dict name (``blocks.0.attn.c_q.weight``), holding the **sum**
+H = Σ xᵀx (in_features × in_features) over all calibration rows x of that layer's input. The
+safetensors metadata holds ``format = "pgolf-hessians"``, ``version = "1"``, ``reduction = "sum"``,
+``counts`` = JSON {weight name: number of rows summed} and ``meta`` = JSON of free-form user data.
+Divide by the count for the mean; GPTQ's damping is relative to mean(diag H), so either works.
+Files without our metadata (a plain name -> square matrix safetensors) load with empty counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import PgolfError
+from ..fileio import atomic_write
+
+FORMAT = "pgolf-hessians"
+VERSION = "1"
+
+Include = Optional[Union[Callable[[str, nn.Module], bool], Iterable[str]]]
+
+
+def _first_tensor(obj) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    if isinstance(obj, Mapping):
+        for o in obj.values():
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def _linear_weight(mod: nn.Module) -> torch.Tensor | None:
+    """The module's own 2-D weight, if it may be applied as ``x @ W.T``."""
+    if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+        return None
+    w = getattr(mod, "weight", None)
+    if isinstance(w, torch.Tensor) and w.ndim == 2:
+        return w
+    return None
+
+
+class _Accumulator:
+    def __init__(self, name: str, features: int, dtype: torch.dtype, strict: bool):
+        self.name = name
+        self.features = features
+        self.dtype = dtype
+        self.strict = strict  # False: a module that turns out not to be a linear layer is dropped
+        self.h: torch.Tensor | None = None
+        self.count = 0
+        self.dropped = False
+
+    def add(self, x: torch.Tensor | None, where: str) -> None:
+        if self.dropped:
+            return
+        if x is None or not torch.is_floating_point(x) or x.shape[-1] != self.features:
+            if self.strict:
+                got = "no tensor" if x is None else f"shape {tuple(x.shape)} ({x.dtype})"
+                raise PgolfError(
+                    f"Hessian hook for {self.name}: {where} is {got}, expected last dimension {self.features}"
+                )
+            self.dropped = True
+            return
+        x = x.detach().reshape(-1, self.features).to(self.dtype)
+        if self.h is None:
+            self.h = torch.zeros((self.features, self.features), dtype=self.dtype, device=x.device)
+        elif self.h.device != x.device:
+            x = x.to(self.h.device)
+        self.h.addmm_(x.T, x)
+        self.count += int(x.shape[0])
+
+
+class HessianCollector:
+    """Forward hooks accumulating H = Σ xᵀx of each linear layer's input (and of a tied LM head).
+
+    ``include``: None = every module with its own 2-D ``weight`` (nn.Linear and subclasses, or any
+    custom layer applying ``x @ W.T``; embeddings excluded; a module whose input does not match its
+    weight is silently dropped); a callable ``(weight_name, module) -> bool``; or a list of weight
+    or module names (these must match, else the forward raises). ``tied_lm_head`` maps the module
+    whose output feeds a tied LM head (e.g. ``"final_norm"``) to the tied weight's name
+    (e.g. ``"tok_emb.weight"``); that weight's H comes from the module's outputs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include: Include = None,
+        tied_lm_head: Mapping[str, str] | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):
+        if dtype not in (torch.float32, torch.float64):
+            raise PgolfError(f"Hessian accumulation dtype must be float32 or float64, got {dtype}")
+        self._acc: dict[str, _Accumulator] = {}
+        self._handles: list = []
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters(remove_duplicate=False))
+        params.update({k: v for k, v in model.named_buffers(remove_duplicate=False)})
+
+        for wname, mod, strict in self._select(modules, include):
+            w = _linear_weight(mod)
+            acc = _Accumulator(wname, int(w.shape[1]), dtype, strict)
+            self._acc[wname] = acc
+            self._handles.append(mod.register_forward_hook(self._input_hook(acc), with_kwargs=True))
+
+        for mname, wname in (tied_lm_head or {}).items():
+            if mname not in modules:
+                raise PgolfError(f"tied LM head: model has no module named {mname!r}")
+            w = params.get(wname)
+            if w is None or w.ndim != 2:
+                raise PgolfError(f"tied LM head: model has no 2-D parameter named {wname!r}")
+            if wname in self._acc:
+                raise PgolfError(f"tied LM head: {wname} is already collected from a linear layer's input")
+            acc = _Accumulator(wname, int(w.shape[1]), dtype, strict=True)
+            self._acc[wname] = acc
+            self._handles.append(modules[mname].register_forward_hook(self._output_hook(acc)))
+
+    @staticmethod
+    def _select(modules: dict[str, nn.Module], include: Include):
+        def wname(mname: str) -> str:
+            return f"{mname}.weight" if mname else "weight"
+
+        linear = [(m, mod) for m, mod in modules.items() if _linear_weight(mod) is not None]
+        if include is None:
+            return [(wname(m), mod, isinstance(mod, nn.Linear)) for m, mod in linear]
+        if callable(include):
+            return [(wname(m), mod, isinstance(mod, nn.Linear)) for m, mod in linear if include(wname(m), mod)]
+        if isinstance(include, str):
+            include = [include]
+        by_name = {wname(m): (m, mod) for m, mod in linear}
+        by_name.update({m: (m, mod) for m, mod in linear})
+        chosen: dict[str, nn.Module] = {}
+        for n in include:
+            if n not in by_name:
+                hint = "it has no 2-D weight" if n in modules or n.removesuffix(".weight") in modules else "no such module"
+                raise PgolfError(f"cannot collect a Hessian for {n!r}: {hint}")
+            m, mod = by_name[n]
+            chosen[wname(m)] = mod
+        return [(w, mod, True) for w, mod in chosen.items()]
+
+    @staticmethod
+    def _input_hook(acc: _Accumulator):
+        def hook(_mod, args, kwargs, _out):
+            x = _first_tensor(args) if args else _first_tensor(kwargs)
+            acc.add(x, "its input")
+
+        return hook
+
+    @staticmethod
+    def _output_hook(acc: _Accumulator):
+        def hook(_mod, _args, out):
+            acc.add(_first_tensor(out), "its output")
+
+        return hook
+
+    def names(self) -> list[str]:
+        return [n for n, a in self._acc.items() if not a.dropped]
+
+    def hessians(self) -> dict[str, np.ndarray]:
+        """Weight name -> H (sum over rows, accumulation dtype) for every layer that saw input."""
+        return {n: a.h.cpu().numpy().copy() for n, a in self._acc.items() if not a.dropped and a.h is not None}
+
+    def counts(self) -> dict[str, int]:
+        return {n: a.count for n, a in self._acc.items() if not a.dropped and a.h is not None}
+
+    def reset(self) -> None:
+        for a in self._acc.values():
+            a.h, a.count = None, 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "HessianCollector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _check_h(name: str, h: np.ndarray, where: str) -> None:
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise PgolfError(f"{where}: Hessian {name} has shape {tuple(h.shape)}; expected a square in_features² matrix")
+    if not np.all(np.isfinite(h)):
+        raise PgolfError(f"{where}: Hessian {name} contains NaN or Inf")
+    if np.any(np.diagonal(h) < 0):
+        raise PgolfError(f"{where}: Hessian {name} has a negative diagonal entry; it is not a sum of xᵀx")
+
+
+def save_hessians(
+    path: str | os.PathLike,
+    hessians: Mapping[str, np.ndarray],
+    counts: Mapping[str, int] | None = None,
+    meta: Mapping | None = None,
+    dtype=np.float32,
+) -> Path:
+    """Atomically write the Hessian file described in the module docstring."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for name, h in hessians.items():
+        h = np.asarray(h.cpu().numpy() if isinstance(h, torch.Tensor) else h)
+        _check_h(name, h, "save_hessians")
+        tensors[name] = np.ascontiguousarray(h, dtype=dtype)
+    counts = dict(counts or {})
+    unknown = sorted(set(counts) - set(tensors))
+    if unknown:
+        raise PgolfError(f"save_hessians: counts given for names without a Hessian: {', '.join(unknown)}")
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "reduction": "sum",
+        "counts": json.dumps({k: int(v) for k, v in counts.items()}),
+        "meta": json.dumps(dict(meta or {})),
+    }
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def load_hessians(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Read a Hessian file: (weight name -> H as stored, weight name -> sample count)."""
+    hs, counts, _ = load_hessians_with_meta(path)
+    return hs, counts
+
+
+def load_hessians_with_meta(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, int], dict]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise PgolfError(f"Hessian file not found: {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            hs = {k: f.get_tensor(k) for k in f.keys()}
+    except PgolfError:
+        raise
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise PgolfError(f"cannot read Hessian file {path}: {e}") from None
+    if metadata.get("format", FORMAT) != FORMAT:
+        raise PgolfError(f"{path} is not a pgolf-pack Hessian file (format {metadata.get('format')!r})")
+    if metadata.get("version", VERSION) != VERSION:
+        raise PgolfError(f"{path}: unsupported Hessian file version {metadata.get('version')!r}")
+    for name, h in hs.items():
+        if h.dtype not in (np.float32, np.float64):
+            raise PgolfError(f"{path}: Hessian {name} has dtype {h.dtype}; expected float32 or float64")
+        _check_h(name, h, str(path))
+    try:
+        counts = {k: int(v) for k, v in json.loads(metadata.get("counts", "{}")).items()}
+        meta = json.loads(metadata.get("meta", "{}"))
+    except (ValueError, TypeError, AttributeError):
+        raise PgolfError(f"{path}: malformed counts/meta metadata") from None
+    for k, v in counts.items():
+        if k not in hs or v < 0:
+            raise PgolfError(f"{path}: bad sample count {v} for {k!r}")
+    return hs, counts, meta
+
+
+def check_hessians_match(hessians: Mapping[str, np.ndarray], weights: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise PgolfError unless each Hessian names a 2-D weight and is in_features² for it."""
+    for name, h in hessians.items():
+        if name not in weights:
+            raise PgolfError(f"Hessian {name} names no tensor of the checkpoint")
+        shape = tuple(weights[name])
+        if len(shape) != 2:
+            raise PgolfError(f"Hessian {name}: the tensor has shape {shape}, not a 2-D matrix")
+        if tuple(h.shape) != (shape[1], shape[1]):
+            raise PgolfError(f"Hessian {name} is {h.shape[0]}×{h.shape[1]}, but {name} {shape} needs {shape[1]}×{shape[1]}")

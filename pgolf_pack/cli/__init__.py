@@ -1,0 +1,18 @@
+"""The ``pgolf-pack`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import sys
+
+from .app import app
+from . import core  # noqa: F401  (registers commands)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

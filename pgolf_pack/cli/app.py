@@ -1,0 +1,77 @@
+"""Shared CLI plumbing: the Typer app, error handling, JSON output and progress bars."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import PgolfError
+
+app = typer.Typer(
+    name="pgolf-pack",
+    help="Quantize and pack small LM checkpoints into the smallest artifact that still scores well.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+analyze_app = typer.Typer(help="Where the bytes go: size tables, budget against the cap, RMS analysis.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON result instead of tables.")
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """User errors become one line on stderr and exit code 1 — never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PgolfError as e:
+            err_console.print(f"error: {e}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("error: interrupted", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _clean(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def print_json(obj) -> None:
+    typer.echo(json.dumps(_clean(obj), indent=2, sort_keys=False))
+
+
+@contextmanager
+def progress(enabled: bool, total: int, description: str) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar (on stderr, so --json output stays clean); yields an advance callback."""
+    if not enabled:
+        yield lambda _name: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[item]}"), console=err_console, transient=True) as prog:
+        task = prog.add_task(description, total=total, item="")
+        yield lambda name: prog.update(task, advance=1, item=name)
+
+
+def fmt_int(n: int) -> str:
+    return f"{n:,}"

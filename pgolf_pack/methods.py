@@ -1,0 +1,1 @@
+"""Registers the quantization methods that live in their own modules (imported lazily)."""

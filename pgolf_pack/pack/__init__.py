@@ -1,0 +1,1 @@
+"""Packing: byte layouts, byte codecs and the artifact container."""

@@ -1,0 +1,319 @@
+"""Group quantized streams, pick a layout and codec per group, and write/read the artifact.
+
+Symbol streams are grouped by role (the tensor name with its layer index removed, e.g. every
+layer's ``mlp.fc.weight`` symbols form one group) because tensors of one role share statistics,
+which is what both context-mixing and model-based coders exploit. Side streams (scales, float
+passthrough, factors) go to small side groups split by item size so byte-shuffle can help them.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ArtifactError, PgolfError
+from ..quant.base import QuantizedModel, QuantizedTensor, Stream
+from . import codecs
+from .container import crc32, group_payload, header_bytes, read_container, write_container
+from .layout import Layout, candidate_layouts, layout_decode, layout_encode
+
+BYTE_CODECS = ("brotli", "zstd", "lzma", "lrzip", "lrzip-lzma", "raw")
+SYMBOL_CODECS = ("entropy",) + BYTE_CODECS
+CODEC_CHOICES = ("auto", "auto-fast") + SYMBOL_CODECS
+_LAYER_RE = re.compile(r"(^|\.)(blocks|layers|h|layer)\.\d+\.")
+
+
+@dataclass
+class Group:
+    name: str
+    kind: str  # "symbols" | "side"
+    members: list[tuple[str, str]] = field(default_factory=list)  # (tensor, stream)
+    arrays: list[np.ndarray] = field(default_factory=list)
+    lo: int = 0
+    hi: int = 0
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+
+def role_of(name: str) -> str:
+    return _LAYER_RE.sub(r"\1", name)
+
+
+def _as_2d(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 2:
+        return a
+    if a.ndim <= 1:
+        return a.reshape(1, -1)
+    return a.reshape(a.shape[0], -1)
+
+
+def build_groups(qm: QuantizedModel, grouping: str = "role") -> list[Group]:
+    if grouping not in ("role", "tensor", "single"):
+        raise PgolfError(f"unknown grouping {grouping!r}; choose role, tensor or single")
+    groups: dict[str, Group] = {}
+    for t in qm.tensors:
+        for sname, s in t.streams.items():
+            if s.kind == "symbols":
+                base = t.params.get("group") or {"role": role_of(t.name), "tensor": t.name, "single": "all"}[grouping]
+                key = f"{base}:{sname}:{s.data.dtype.str}"
+            else:
+                key = f"side:{s.data.dtype.itemsize}"
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = Group(key, s.kind, lo=s.lo, hi=s.hi)
+            g.members.append((t.name, sname))
+            g.arrays.append(s.data)
+            g.lo, g.hi = min(g.lo, s.lo), max(g.hi, s.hi)
+    # Symbols first (in first-appearance order), side groups last: a stable, deterministic order.
+    ordered = [g for g in groups.values() if g.kind == "symbols"] + [g for g in groups.values() if g.kind == "side"]
+    return ordered
+
+
+def _raw_crc(arrays: list[np.ndarray]) -> int:
+    c = 0
+    for a in arrays:
+        c = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), c)
+    return c & 0xFFFFFFFF
+
+
+# --- side groups: concatenated raw bytes, optionally byte-shuffled ---------------------------------
+
+
+def _side_encode(arrays: list[np.ndarray], shuffle: bool) -> bytes:
+    raw = np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.uint8)
+    item = arrays[0].dtype.itemsize if arrays else 1
+    if shuffle and item > 1:
+        raw = raw.reshape(-1, item).T.copy().reshape(-1)
+    return raw.tobytes()
+
+
+def _side_decode(buf: bytes, shuffle: bool, shapes: list[tuple], dtypes: list[str]) -> list[np.ndarray]:
+    raw = np.frombuffer(buf, np.uint8)
+    item = np.dtype(dtypes[0]).itemsize if dtypes else 1
+    if shuffle and item > 1:
+        if raw.size % item:
+            raise ArtifactError("side group size is not a multiple of its item size")
+        raw = raw.reshape(item, -1).T.reshape(-1)
+    out, pos = [], 0
+    for shape, dt in zip(shapes, dtypes):
+        n = int(np.prod(shape)) * np.dtype(dt).itemsize
+        if pos + n > raw.size:
+            raise ArtifactError("side group is shorter than its manifest says")
+        out.append(raw[pos : pos + n].copy().view(dt).reshape(shape))
+        pos += n
+    return out
+
+
+# --- encoding one group ----------------------------------------------------------------------------
+
+
+def _codec_list(codec: str, kind: str) -> list[str]:
+    if codec in ("auto", "auto-fast"):
+        names = ["entropy", "brotli", "zstd", "lzma"] if kind == "symbols" else ["brotli", "zstd", "lzma"]
+        if codec == "auto" and kind == "symbols" and codecs.available("lrzip"):
+            names.append("lrzip")
+        return names
+    if kind == "side" or (codec == "entropy" and kind == "side"):
+        # Float side data is not symbol-coded; small, so the best general codec is cheap to find.
+        return ["brotli", "zstd", "lzma"] if codec == "entropy" else [codec]
+    return [codec]
+
+
+def _encode_with(desc: dict, g: Group) -> bytes:
+    codec = desc["codec"]
+    if g.kind == "side":
+        return codecs.compress(codec, _side_encode(g.arrays, desc.get("shuffle", False)))
+    arrays = [_as_2d(a) for a in g.arrays]
+    if codec == "entropy":
+        from .entropy import entropy_encode
+
+        return entropy_encode(arrays, g.lo, g.hi)
+    return codecs.compress(codec, layout_encode(arrays, g.lo, Layout.from_dict(desc["layout"])))
+
+
+def _best_layout(g: Group) -> Layout:
+    arrays = [_as_2d(a) for a in g.arrays]
+    cands = candidate_layouts(g.arrays[0].dtype.str, g.lo, g.hi)
+    if len(cands) == 1:
+        return cands[0]
+    # A fast zstd ranks the layouts; the expensive final codecs then run once, on the winner.
+    import zstandard
+
+    proxy = zstandard.ZstdCompressor(level=6)
+    sizes = [len(proxy.compress(layout_encode(arrays, g.lo, lay))) for lay in cands]
+    return cands[int(np.argmin(sizes))]
+
+
+def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes, dict]:
+    """Encode one group; returns (payload, descriptor). ``fixed`` replays a recorded choice."""
+    if fixed is not None:
+        return _encode_with(fixed, g), dict(fixed)
+    options: list[dict] = []
+    if g.kind == "side":
+        for c in _codec_list(codec, "side"):
+            for sh in ([False, True] if g.arrays and g.arrays[0].dtype.itemsize > 1 else [False]):
+                options.append({"codec": c, "shuffle": sh})
+    else:
+        layout = None
+        for c in _codec_list(codec, "symbols"):
+            if c == "entropy":
+                options.append({"codec": "entropy"})
+                continue
+            if layout is None:
+                layout = _best_layout(g)
+            options.append({"codec": c, "layout": layout.to_dict()})
+    best: tuple[bytes, dict] | None = None
+    for desc in options:
+        payload = _encode_with(desc, g)
+        if best is None or len(payload) < len(best[0]):
+            best = (payload, desc)
+    assert best is not None
+    return best
+
+
+def decode_group(desc: dict, payload: bytes, kind: str, shapes: list[tuple], dtypes: list[str], lo: int, hi: int) -> list[np.ndarray]:
+    codec = desc["codec"]
+    if kind == "side":
+        return _side_decode(codecs.decompress(codec, payload), desc.get("shuffle", False), shapes, dtypes)
+    shapes2d = [_as_2d(np.empty(s, dtype=np.uint8)).shape for s in shapes]
+    if codec == "entropy":
+        from .entropy import entropy_decode
+
+        arrays = entropy_decode(payload, shapes2d, dtypes, lo, hi)
+    else:
+        arrays = layout_decode(codecs.decompress(codec, payload), Layout.from_dict(desc["layout"]), shapes2d, dtypes, lo)
+    return [a.reshape(s) for a, s in zip(arrays, shapes)]
+
+
+# --- whole model -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PackResult:
+    blob: bytes
+    manifest: dict
+
+
+def _check_codec(codec: str) -> None:
+    if codec not in CODEC_CHOICES:
+        raise PgolfError(f"unknown codec {codec!r}; choose one of {', '.join(CODEC_CHOICES)}")
+    if codec in ("lrzip", "lrzip-lzma") and not codecs.available("lrzip"):
+        raise PgolfError("lrzip binary not found on PATH; install it (apt-get install lrzip) or pick another codec")
+
+
+def pack_model(
+    qm: QuantizedModel,
+    codec: str = "auto",
+    grouping: str = "role",
+    choices: dict[str, dict] | None = None,
+    workers: int = 2,
+    on_group: Callable[[str], None] | None = None,
+) -> PackResult:
+    """Encode every group and assemble the artifact. ``choices`` pins group descriptors (re-pack)."""
+    _check_codec(codec)
+    groups = build_groups(qm, grouping)
+
+    def work(g: Group) -> tuple[bytes, dict]:
+        res = encode_group(g, codec, (choices or {}).get(g.name))
+        if on_group:
+            on_group(g.name)
+        return res
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        results = list(ex.map(work, groups))
+    where: dict[tuple[str, str], tuple[int, int]] = {}
+    gentries = []
+    for gi, (g, (payload, desc)) in enumerate(zip(groups, results)):
+        for mi, m in enumerate(g.members):
+            where[m] = (gi, mi)
+        gentries.append(
+            {"name": g.name, "kind": g.kind, "lo": g.lo, "hi": g.hi, "raw_bytes": g.raw_bytes,
+             "raw_crc32": _raw_crc(g.arrays), **desc,
+             "codec_params": codecs.codec_params(desc["codec"]) if desc["codec"] != "entropy" else {}}
+        )
+    tentries = []
+    for t in qm.tensors:
+        streams = {}
+        for sname, s in t.streams.items():
+            gi, mi = where[(t.name, sname)]
+            streams[sname] = {"group": gi, "index": mi, "shape": list(s.data.shape), "dtype": s.data.dtype.str,
+                              "kind": s.kind, "lo": s.lo, "hi": s.hi}
+        tentries.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "scheme": t.scheme,
+                         "params": t.params, "streams": streams})
+    manifest = {"format": 1, "grouping": grouping, "tensors": tentries, "groups": gentries, "meta": qm.meta}
+    blob = write_container(manifest, [p for p, _ in results])
+    return PackResult(blob, manifest)
+
+
+def _group_members(manifest: dict) -> list[list[tuple[int, str, dict]]]:
+    members: list[list[tuple[int, str, dict]]] = [[] for _ in manifest["groups"]]
+    for ti, t in enumerate(manifest["tensors"]):
+        for sname, s in t["streams"].items():
+            members[s["group"]].append((s["index"], sname, {"tensor": ti, **s}))
+    for m in members:
+        m.sort(key=lambda x: x[0])
+    return members
+
+
+def unpack_model(blob: bytes, workers: int = 2) -> tuple[QuantizedModel, dict]:
+    """Decode an artifact back into quantized tensors; every group's checksums are verified."""
+    manifest, payload = read_container(blob)
+    members = _group_members(manifest)
+
+    def work(gi: int) -> list[np.ndarray]:
+        g = manifest["groups"][gi]
+        data = group_payload(g, payload)
+        shapes = [tuple(m[2]["shape"]) for m in members[gi]]
+        dtypes = [m[2]["dtype"] for m in members[gi]]
+        try:
+            arrays = decode_group(g, data, g["kind"], shapes, dtypes, g["lo"], g["hi"])
+        except ArtifactError as e:
+            raise ArtifactError(f"group {g['name']} cannot be decoded: {e}") from None
+        except Exception as e:  # a codec library's own error on damaged data
+            raise ArtifactError(f"group {g['name']} cannot be decoded ({type(e).__name__}: {e})") from None
+        if _raw_crc(arrays) != g["raw_crc32"]:
+            raise ArtifactError(f"group {g['name']} decoded to wrong data (checksum mismatch)")
+        return arrays
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        decoded = list(ex.map(work, range(len(manifest["groups"]))))
+    tensors = []
+    for t in manifest["tensors"]:
+        streams = {}
+        for sname, s in t["streams"].items():
+            streams[sname] = Stream(decoded[s["group"]][s["index"]], s["kind"], s["lo"], s["hi"])
+        tensors.append(QuantizedTensor(t["name"], tuple(t["shape"]), t["dtype"], t["scheme"], t["params"], streams))
+    return QuantizedModel(tensors, manifest.get("meta", {})), manifest
+
+
+def group_choices(manifest: dict) -> dict[str, dict]:
+    """The recorded (codec, layout) per group, to re-pack byte-identically."""
+    keep = ("codec", "layout", "shuffle")
+    return {g["name"]: {k: g[k] for k in keep if k in g} for g in manifest["groups"]}
+
+
+def attribute_bytes(blob: bytes, manifest: dict) -> tuple[dict[str, int], int]:
+    """Split each group's payload bytes over its tensors by raw size (largest remainder).
+
+    Returns (bytes per tensor, header+manifest bytes); the values sum to ``len(blob)`` exactly.
+    """
+    per: dict[str, int] = {t["name"]: 0 for t in manifest["tensors"]}
+    members = _group_members(manifest)
+    for g, mem in zip(manifest["groups"], members):
+        sizes = [int(np.prod(m[2]["shape"])) * np.dtype(m[2]["dtype"]).itemsize for m in mem]
+        total = sum(sizes) or 1
+        exact = [g["length"] * s / total for s in sizes]
+        base = [int(x) for x in exact]
+        rest = g["length"] - sum(base)
+        for i in sorted(range(len(mem)), key=lambda i: (base[i] - exact[i], i))[:rest]:
+            base[i] += 1
+        for m, b in zip(mem, base):
+            per[manifest["tensors"][m[2]["tensor"]]["name"]] += b
+    return per, header_bytes(blob)

@@ -1,0 +1,216 @@
+"""Full-Hessian GPTQ onto the per-row int-k grid of :mod:`.rtn` (scheme "intk").
+
+The per-row scales are fixed before the sweep (``choose_scales``, Hessian-diagonal weighted when it
+searches); the sweep then rounds one column at a time and pushes each column's rounding error onto
+the not-yet-rounded columns through the upper Cholesky factor of H⁻¹, in lazy blocks. Output has
+exactly the RTN layout, so packers and the dequantizer are shared.
+
+Conventions, as in the records: H = Σ xᵀx of the layer input (sum or mean: damping is relative to
+the mean diagonal, so only the ratio matters); damping adds ``damp · mean(diag H)``; act-order
+processes columns by descending diag(H) and the symbols are stored back in original column order;
+a dead column (diag 0: its input is always zero) gets H_ii = 1 and weight 0.
+
+The per-column rounding is a swappable :class:`RoundFn` so other quantizers (rate-aware rounding)
+can reuse the sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..errors import PgolfError
+from .base import QuantizedTensor
+from .rtn import choose_scales, make_intk_tensor, qmax
+
+# Damping grows ×10 per failed Cholesky up to this fraction of the mean diagonal.
+MAX_DAMP = 1.0
+
+
+class RoundFn(Protocol):
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor, *, qmax: int, col: int, err_weight: float) -> torch.Tensor:
+        """Integer codes (as floats) for one error-compensated column ``x`` (rows,).
+
+        ``col`` is the original column index; ``err_weight`` = 1/[H⁻¹]_jj is the Hessian weight
+        that the column's squared rounding error carries in the GPTQ objective.
+        """
+        ...
+
+
+def round_nearest(x: torch.Tensor, scale: torch.Tensor, *, qmax: int, col: int, err_weight: float) -> torch.Tensor:
+    # torch.round is round-half-to-even like np.rint, so H = I reproduces RTN exactly.
+    return torch.clamp(torch.round(x / scale), -qmax, qmax)
+
+
+@dataclass
+class PreparedHessian:
+    """A damped, permuted Hessian factorized once and reusable for several sweeps."""
+
+    u: torch.Tensor  # upper Cholesky factor of H⁻¹ in sweep (permuted) order, float64
+    perm: torch.Tensor  # sweep position -> original column
+    dead: np.ndarray  # bool per original column
+    damp: float  # the damping fraction that made the factorization succeed
+
+    @property
+    def cols(self) -> int:
+        return int(self.u.shape[0])
+
+
+def check_hessian(name: str, h: np.ndarray, cols: int) -> np.ndarray:
+    h = np.asarray(h)
+    if h.shape != (cols, cols):
+        raise PgolfError(f"Hessian for {name} has shape {tuple(h.shape)}, expected ({cols}, {cols}) (in_features²)")
+    if not np.all(np.isfinite(h)):
+        raise PgolfError(f"Hessian for {name} contains NaN or Inf")
+    return h
+
+
+def prepare_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = True, name: str = "weight") -> PreparedHessian:
+    """Dampen, permute and factorize H; raises PgolfError when no damping up to MAX_DAMP works."""
+    if damp < 0:
+        raise PgolfError(f"damp must be >= 0, got {damp}")
+    h = np.asarray(h)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise PgolfError(f"Hessian for {name} has shape {tuple(h.shape)}; expected a square in_features² matrix")
+    h = check_hessian(name, h, h.shape[0])
+    ht = torch.from_numpy(np.array(h, dtype=np.float64))
+    ht = 0.5 * (ht + ht.T)  # accumulated sums can be asymmetric in the last bits
+    diag = torch.diagonal(ht)
+    dead = (diag == 0).numpy().copy()
+    if dead.any():
+        idx = torch.from_numpy(np.flatnonzero(dead))
+        ht[idx, :] = 0
+        ht[:, idx] = 0
+        ht[idx, idx] = 1.0
+    n = ht.shape[0]
+    if act_order:
+        perm = torch.argsort(torch.diagonal(ht), descending=True, stable=True)
+        ht = ht[perm][:, perm]
+    else:
+        perm = torch.arange(n)
+    mean_diag = float(torch.diagonal(ht).mean())
+    d = damp if damp > 0 else 0.0
+    while True:
+        hd = ht.clone()
+        hd.diagonal().add_(d * mean_diag)
+        u, ok = _chol_inverse_upper(hd)
+        if ok:
+            return PreparedHessian(u=u, perm=perm, dead=dead, damp=d)
+        nxt = d * 10 if d > 0 else 0.01
+        if nxt > MAX_DAMP * (1 + 1e-9):
+            raise PgolfError(f"Hessian for {name} is not positive definite even with damp={d:g}")
+        d = nxt
+
+
+def _chol_inverse_upper(h: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        return h, False
+    hinv = torch.cholesky_inverse(lower)
+    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(u).all()):
+        return h, False
+    return u, True
+
+
+def gptq_sweep(
+    w: np.ndarray,
+    h: np.ndarray | PreparedHessian,
+    scales: np.ndarray,
+    bits: int,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    round_fn: RoundFn = round_nearest,
+    name: str = "weight",
+    sweep_dtype: torch.dtype = torch.float32,
+) -> np.ndarray:
+    """GPTQ symbols (int8, original column order) for ``w`` with fixed per-row ``scales``.
+
+    ``h`` is H (cols × cols) or a :class:`PreparedHessian` (``damp``/``act_order`` then unused).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise PgolfError(f"{name}: GPTQ needs a 2-D weight, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise PgolfError(f"{name} contains NaN or Inf")
+    if block_size < 1:
+        raise PgolfError(f"block_size must be >= 1, got {block_size}")
+    rows, cols = w.shape
+    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(check_hessian(name, h, cols), damp, act_order, name)
+    if prep.cols != cols:
+        raise PgolfError(f"Hessian for {name} is {prep.cols}×{prep.cols}, expected {cols}×{cols}")
+    r = qmax(bits)
+    s = torch.from_numpy(np.asarray(scales, dtype=np.float32).reshape(-1).copy()).to(sweep_dtype)
+    if s.shape[0] != rows:
+        raise PgolfError(f"{name}: {s.shape[0]} scales for {rows} rows")
+
+    # Columns are swept as contiguous rows of the transposed weight.
+    perm = prep.perm
+    wt = torch.from_numpy(np.array(w.T, order="C"))[perm].to(sweep_dtype).contiguous()
+    dead_sweep = prep.dead[perm.numpy()]
+    if dead_sweep.any():
+        wt[torch.from_numpy(np.flatnonzero(dead_sweep))] = 0
+    u = prep.u.to(sweep_dtype)
+    udiag = torch.diagonal(prep.u).tolist()
+    perm_list = perm.tolist()
+    q = torch.empty((cols, rows), dtype=sweep_dtype)
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        blk = wt[i1:i2]  # a view: updates land in wt directly
+        err = torch.empty((i2 - i1, rows), dtype=sweep_dtype)
+        u_blk = u[i1:i2, i1:i2]
+        for k in range(i2 - i1):
+            j = i1 + k
+            x = blk[k]
+            d = udiag[j]
+            qc = round_fn(x, s, qmax=r, col=perm_list[j], err_weight=1.0 / (d * d))
+            q[j] = qc
+            e = err[k]
+            torch.sub(x, qc * s, out=e)
+            e.div_(d)
+            if k + 1 < i2 - i1:
+                blk[k + 1 :].addr_(u_blk[k, k + 1 :], e, alpha=-1.0)
+        if i2 < cols:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, err, alpha=-1.0)
+
+    out = torch.empty_like(q)
+    out[perm] = q
+    return np.ascontiguousarray(out.round().to(torch.int8).numpy().T)
+
+
+def hessian_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """trace(ΔW H ΔWᵀ): the layer-output squared error summed over the calibration inputs."""
+    dw = np.asarray(w, dtype=np.float64) - np.asarray(w_hat, dtype=np.float64)
+    return float(np.einsum("ij,ij->", dw @ np.asarray(h, dtype=np.float64), dw))
+
+
+def gptq_quantize(
+    name: str,
+    w: np.ndarray,
+    dtype: str,
+    H: np.ndarray,
+    bits: int,
+    clip: str = "sdclip",
+    sigmas: float | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> QuantizedTensor:
+    """GPTQ-quantize one matrix to per-row int-k (scheme "intk", method "gptq")."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise PgolfError(f"{name}: GPTQ needs a 2-D weight, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise PgolfError(f"{name} contains NaN or Inf")
+    H = check_hessian(name, H, w.shape[1])
+    prep = prepare_hessian(H, damp, act_order, name)
+    col_weight = np.clip(np.diagonal(H).astype(np.float64), 0, None)
+    scale, info = choose_scales(w, bits, clip, sigmas, col_weight)
+    q = gptq_sweep(w, prep, scale, bits, block_size=block_size, name=name)
+    params = {"method": "gptq", **info, "block_size": int(block_size), "damp": float(prep.damp), "act_order": bool(act_order)}
+    return make_intk_tensor(name, w.shape, dtype, q, scale, bits, params)

@@ -1,0 +1,153 @@
+"""Recipes: which quantization scheme each tensor gets.
+
+A recipe is a default scheme for quantizable tensors plus ordered rules ``match`` (a glob over
+tensor names) → settings; later rules override earlier ones. Files are TOML or JSON::
+
+    min_numel = 4096          # 2-D float tensors with fewer elements stay in float
+    passthrough = "float"     # or "fp16": how non-quantized tensors are stored
+    [default]
+    method = "gptq"
+    bits = 6
+    clip = "sdclip"
+    [[rule]]
+    match = "tok_emb.weight"
+    bits = 8
+    sigmas = 20.0
+
+A rule whose glob matches no tensor is an error: a typo must not silently change nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .checkpoint import DEFAULT_MIN_NUMEL, is_quantizable
+from .errors import PgolfError
+
+METHODS = ("rtn", "gptq", "e8p", "float", "fp16")
+# Settings a rule may carry. Scheme-specific extras are validated by the method that reads them.
+SPEC_KEYS = {
+    "method", "bits", "clip", "sigmas", "group",
+    "block_size", "damp", "act_order",
+    "rht", "seed", "ldlq",
+    "lqer_rank", "lqer_bits", "lqer_group", "lqer_weighted",
+    "row_bits",
+}
+EMBED_GLOB = "*emb*"
+
+
+@dataclass
+class Recipe:
+    default: dict = field(default_factory=lambda: {"method": "rtn", "bits": 6, "clip": "sdclip"})
+    rules: list[dict] = field(default_factory=list)
+    min_numel: int = DEFAULT_MIN_NUMEL
+    passthrough: str = "float"
+
+    def to_dict(self) -> dict:
+        return {"min_numel": self.min_numel, "passthrough": self.passthrough, "default": dict(self.default),
+                "rule": [dict(r) for r in self.rules]}
+
+
+def _check_spec(where: str, spec: Mapping) -> None:
+    unknown = set(spec) - SPEC_KEYS - {"match"}
+    if unknown:
+        raise PgolfError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    m = spec.get("method")
+    if m is not None and m not in METHODS:
+        raise PgolfError(f"{where}: unknown method {m!r}; choose one of {', '.join(METHODS)}")
+    b = spec.get("bits")
+    if b is not None and (not isinstance(b, int) or not 2 <= b <= 8):
+        raise PgolfError(f"{where}: bits must be an integer in 2..8, got {b!r}")
+
+
+def recipe_from_dict(d: Mapping, source: str = "recipe") -> Recipe:
+    extra = set(d) - {"min_numel", "passthrough", "default", "rule", "rules"}
+    if extra:
+        raise PgolfError(f"{source}: unknown top-level key(s) {', '.join(sorted(extra))}")
+    r = Recipe()
+    if "default" in d:
+        _check_spec(f"{source} [default]", d["default"])
+        r.default = {**r.default, **d["default"]}
+    rules = d.get("rule", d.get("rules", []))
+    for i, rule in enumerate(rules):
+        if "match" not in rule:
+            raise PgolfError(f"{source} rule {i + 1} has no 'match' glob")
+        _check_spec(f"{source} rule {i + 1} ({rule['match']})", rule)
+        r.rules.append(dict(rule))
+    r.min_numel = int(d.get("min_numel", r.min_numel))
+    r.passthrough = d.get("passthrough", r.passthrough)
+    if r.passthrough not in ("float", "fp16"):
+        raise PgolfError(f"{source}: passthrough must be 'float' or 'fp16'")
+    return r
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise PgolfError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        d = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise PgolfError(f"cannot parse recipe {path}: {e}") from None
+    return recipe_from_dict(d, str(path))
+
+
+def simple_recipe(
+    method: str = "rtn",
+    bits: int = 6,
+    embed_bits: int | None = None,
+    clip: str = "sdclip",
+    sigmas: float | None = None,
+    embed_sigmas: float | None = None,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+    passthrough: str = "float",
+) -> Recipe:
+    """The common case from CLI flags: one scheme, optionally other bits for the embedding."""
+    default = {"method": method, "bits": bits, "clip": clip}
+    if sigmas is not None:
+        default["sigmas"] = sigmas
+    rules = []
+    if embed_bits is not None or embed_sigmas is not None:
+        rule: dict = {"match": EMBED_GLOB}
+        if embed_bits is not None:
+            rule["bits"] = embed_bits
+        if embed_sigmas is not None:
+            rule["sigmas"] = embed_sigmas
+        rules.append(rule)
+    r = recipe_from_dict({"default": default, "rule": rules, "min_numel": min_numel, "passthrough": passthrough}, "options")
+    # The embedding rule comes from a convenience flag: a model without embeddings is fine.
+    r.rules = [{**x, "_optional": True} for x in r.rules]
+    return r
+
+
+def plan(tensors: Mapping[str, torch.Tensor], recipe: Recipe) -> dict[str, dict]:
+    """Resolve the settings of every tensor. Float tensors get method 'float' or 'fp16'."""
+    out: dict[str, dict] = {}
+    hits = [0] * len(recipe.rules)
+    for name, t in tensors.items():
+        quantizable = is_quantizable(t, recipe.min_numel)
+        spec = dict(recipe.default) if quantizable else {"method": recipe.passthrough}
+        for i, rule in enumerate(recipe.rules):
+            if fnmatch.fnmatchcase(name, rule["match"]):
+                hits[i] += 1
+                # Bits etc. only concern quantized tensors. A glob that sweeps over small control
+                # tensors leaves them in float; naming one exactly with a quantizer is an error.
+                explicit = rule["match"] == name and "method" in rule
+                if quantizable or explicit or rule.get("method") in ("float", "fp16"):
+                    spec.update({k: v for k, v in rule.items() if k not in ("match", "_optional")})
+        if spec["method"] not in ("float", "fp16") and not quantizable:
+            raise PgolfError(f"tensor {name} (shape {tuple(t.shape)}) cannot be quantized with {spec['method']}")
+        out[name] = spec
+    for rule, n in zip(recipe.rules, hits):
+        if n == 0 and not rule.get("_optional"):
+            raise PgolfError(f"recipe rule {rule['match']!r} matches no tensor in the checkpoint")
+    return out
