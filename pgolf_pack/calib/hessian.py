@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -65,12 +66,44 @@ def _linear_weight(mod: nn.Module) -> torch.Tensor | None:
     return None
 
 
+class _GramCache:
+    """xᵀx of the most recent input, so layers fed the same tensor (c_q, c_k, c_v) share one product.
+
+    A weak reference: while that input is alive its memory cannot be reused, so identity plus an
+    unchanged version counter means unchanged data, and nothing is kept alive past its use.
+    """
+
+    def __init__(self) -> None:
+        self.x: weakref.ref | None = None
+        self.version = -1
+        self.gram: torch.Tensor | None = None
+
+    def gram_of(self, x: torch.Tensor, features: int, dtype: torch.dtype) -> torch.Tensor:
+        try:
+            version = x._version
+        except RuntimeError:  # inference-mode tensors have no version counter: never share
+            version = None
+        if version is not None and self.x is not None and self.x() is x and version == self.version and self.gram.dtype == dtype:
+            return self.gram
+        xx = x.detach().reshape(-1, features).to(dtype)
+        gram = xx.T @ xx
+        if version is not None:
+            self.x, self.version, self.gram = weakref.ref(x), version, gram
+        else:
+            self.clear()
+        return gram
+
+    def clear(self) -> None:
+        self.x, self.version, self.gram = None, -1, None
+
+
 class _Accumulator:
-    def __init__(self, name: str, features: int, dtype: torch.dtype, strict: bool):
+    def __init__(self, name: str, features: int, dtype: torch.dtype, strict: bool, cache: _GramCache):
         self.name = name
         self.features = features
         self.dtype = dtype
         self.strict = strict  # False: a module that turns out not to be a linear layer is dropped
+        self.cache = cache
         self.h: torch.Tensor | None = None
         self.count = 0
         self.dropped = False
@@ -86,13 +119,11 @@ class _Accumulator:
                 )
             self.dropped = True
             return
-        x = x.detach().reshape(-1, self.features).to(self.dtype)
+        gram = self.cache.gram_of(x, self.features, self.dtype)
         if self.h is None:
-            self.h = torch.zeros((self.features, self.features), dtype=self.dtype, device=x.device)
-        elif self.h.device != x.device:
-            x = x.to(self.h.device)
-        self.h.addmm_(x.T, x)
-        self.count += int(x.shape[0])
+            self.h = torch.zeros((self.features, self.features), dtype=self.dtype, device=gram.device)
+        self.h += gram.to(self.h.device)
+        self.count += x.numel() // self.features
 
 
 class HessianCollector:
@@ -117,13 +148,14 @@ class HessianCollector:
             raise PgolfError(f"Hessian accumulation dtype must be float32 or float64, got {dtype}")
         self._acc: dict[str, _Accumulator] = {}
         self._handles: list = []
+        self._cache = _GramCache()
         modules = dict(model.named_modules())
         params = dict(model.named_parameters(remove_duplicate=False))
         params.update({k: v for k, v in model.named_buffers(remove_duplicate=False)})
 
         for wname, mod, strict in self._select(modules, include):
             w = _linear_weight(mod)
-            acc = _Accumulator(wname, int(w.shape[1]), dtype, strict)
+            acc = _Accumulator(wname, int(w.shape[1]), dtype, strict, self._cache)
             self._acc[wname] = acc
             self._handles.append(mod.register_forward_hook(self._input_hook(acc), with_kwargs=True))
 
@@ -135,7 +167,7 @@ class HessianCollector:
                 raise PgolfError(f"tied LM head: model has no 2-D parameter named {wname!r}")
             if wname in self._acc:
                 raise PgolfError(f"tied LM head: {wname} is already collected from a linear layer's input")
-            acc = _Accumulator(wname, int(w.shape[1]), dtype, strict=True)
+            acc = _Accumulator(wname, int(w.shape[1]), dtype, True, self._cache)
             self._acc[wname] = acc
             self._handles.append(modules[mname].register_forward_hook(self._output_hook(acc)))
 
@@ -188,6 +220,7 @@ class HessianCollector:
         return {n: a.count for n, a in self._acc.items() if not a.dropped and a.h is not None}
 
     def reset(self) -> None:
+        self._cache.clear()
         for a in self._acc.values():
             a.h, a.count = None, 0
 
@@ -195,6 +228,7 @@ class HessianCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._cache.clear()
 
     def __enter__(self) -> "HessianCollector":
         return self

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -24,7 +26,9 @@ app = typer.Typer(
 analyze_app = typer.Typer(help="Where the bytes go: size tables, budget against the cap, RMS analysis.", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
 
-console = Console(highlight=False)
+# Tables carry long tensor names; when piped (no terminal to measure) use a wide fixed width.
+_WIDTH = int(os.environ.get("COLUMNS", "0")) or (None if sys.stdout.isatty() else 150)
+console = Console(highlight=False, width=_WIDTH)
 err_console = Console(stderr=True, highlight=False)
 
 JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON result instead of tables.")

@@ -27,7 +27,7 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pack_kernel(values, bits, out):
     # uint64 throughout: numba promotes uint64 op int64 to float64.
     k = np.uint64(bits)
@@ -51,7 +51,7 @@ def _pack_kernel(values, bits, out):
     return seen
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _unpack_kernel(buf, bits, out):
     k = np.uint64(bits)
     eight = np.uint64(8)

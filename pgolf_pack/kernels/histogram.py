@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _histogram_kernel(values, lo, counts):
     hi = lo + counts.size - 1
     outside = 0

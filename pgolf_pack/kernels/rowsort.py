@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _chain_kernel(m):
     n, c = m.shape
     perm = np.empty(n, dtype=np.int64)
@@ -52,7 +52,10 @@ def _as_matrix(matrix: np.ndarray) -> np.ndarray:
 
 
 def l1_chain_order(matrix: np.ndarray) -> np.ndarray:
-    """Row permutation (int64) of the greedy L1 nearest-neighbour chain from row 0."""
+    """Row permutation (int64) of the greedy L1 nearest-neighbour chain from row 0.
+
+    Row distances are summed in int64, so symbols must stay far below 2**62 in magnitude.
+    """
     m = _as_matrix(matrix)
     # int16 rows vectorize best; wider symbols fall back to int64 so differences cannot wrap.
     fits16 = m.dtype.itemsize == 1 or (m.size == 0 or (m.min() >= -32768 and m.max() <= 32767))

@@ -20,7 +20,7 @@ from ..errors import ArtifactError, PgolfError
 from ..quant.base import QuantizedModel, QuantizedTensor, Stream
 from . import codecs
 from .container import crc32, group_payload, header_bytes, read_container, write_container
-from .layout import Layout, candidate_layouts, layout_decode, layout_encode
+from .layout import Layout, candidate_layouts, layout_decode, layout_encode, row_orders
 
 BYTE_CODECS = ("brotli", "zstd", "lzma", "lrzip", "lrzip-lzma", "raw")
 SYMBOL_CODECS = ("entropy",) + BYTE_CODECS
@@ -36,6 +36,13 @@ class Group:
     arrays: list[np.ndarray] = field(default_factory=list)
     lo: int = 0
     hi: int = 0
+    _orders: list[np.ndarray] | None = None
+
+    def orders(self) -> list[np.ndarray]:
+        """The L1 row-chain orders, computed once however many layouts and codecs try them."""
+        if self._orders is None:
+            self._orders = row_orders([_as_2d(a) for a in self.arrays])
+        return self._orders
 
     @property
     def raw_bytes(self) -> int:
@@ -135,7 +142,8 @@ def _encode_with(desc: dict, g: Group) -> bytes:
         from .entropy import entropy_encode
 
         return entropy_encode(arrays, g.lo, g.hi)
-    return codecs.compress(codec, layout_encode(arrays, g.lo, Layout.from_dict(desc["layout"])))
+    lay = Layout.from_dict(desc["layout"])
+    return codecs.compress(codec, layout_encode(arrays, g.lo, lay, g.orders() if lay.rowsort else None))
 
 
 def _best_layout(g: Group) -> Layout:
@@ -147,7 +155,7 @@ def _best_layout(g: Group) -> Layout:
     import zstandard
 
     proxy = zstandard.ZstdCompressor(level=6)
-    sizes = [len(proxy.compress(layout_encode(arrays, g.lo, lay))) for lay in cands]
+    sizes = [len(proxy.compress(layout_encode(arrays, g.lo, lay, g.orders() if lay.rowsort else None))) for lay in cands]
     return cands[int(np.argmin(sizes))]
 
 

@@ -51,7 +51,7 @@ PAD_PATTERNS = (
 GAUSS_OPT_ALPHA = 1.03
 SCALE_MODES = ("row", "tensor")
 # Blocks used to search the scale multiplier; the optimum is a smooth function of alpha.
-ALPHA_SAMPLE_BLOCKS = 16384
+ALPHA_SAMPLE_BLOCKS = 8192
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,12 +307,14 @@ def _cholesky(h: np.ndarray) -> np.ndarray:
 def block_ldl(h: np.ndarray, block: int = DIM) -> np.ndarray:
     """Unit block-lower-triangular L~ with H = L~ D L~^T (D block-diagonal, 8x8 blocks)."""
     L = _cholesky(h)
-    lt = np.empty_like(L)
-    for s in range(0, len(h), block):
-        e = s + block
-        # Block column times inv(L_kk): solve X L_kk = L[:, s:e].
-        lt[:, s:e] = scipy.linalg.solve_triangular(L[s:e, s:e], L[:, s:e].T, trans="T", lower=True).T
-    return lt
+    n = len(h)
+    if n % block:
+        raise ValueError(f"Hessian size {n} is not a multiple of {block}")
+    nb = n // block
+    idx = np.arange(nb)
+    diag_blocks = L.reshape(nb, block, nb, block)[idx, :, idx, :]  # (nb, 8, 8): L_kk
+    cols = L.reshape(n, nb, block).transpose(1, 0, 2)  # (nb, n, 8): block columns
+    return (cols @ np.linalg.inv(diag_blocks)).transpose(1, 0, 2).reshape(n, n)
 
 
 def ldlq_round(x: np.ndarray, h: np.ndarray, buffer: int = 128) -> np.ndarray:
@@ -367,6 +369,13 @@ def search_alpha(x: np.ndarray, coarse: int = 9, fine: int = 7) -> float:
         if e < best_e:
             best_a, best_e = float(a), e
     return best_a
+
+
+def _alpha_sample(x: np.ndarray, n: int) -> np.ndarray:
+    """8-blocks of the real (unpadded) entries; padding zeros would bias alpha upwards."""
+    flat = x[:, :n].reshape(-1)
+    k = len(flat) - len(flat) % DIM
+    return flat[:k].reshape(-1, DIM) if k else x.reshape(-1, DIM)
 
 
 def _validate(name: str, w: np.ndarray, hessian: np.ndarray | None, scale_mode: str) -> None:
@@ -435,7 +444,7 @@ def quantize_e8p(
         x = rot.forward(x)
     if pad:
         x = np.pad(x, ((0, 0), (0, pad)))
-    a = float(alpha) if alpha is not None else search_alpha(x[:, :n] if pad else x)
+    a = float(alpha) if alpha is not None else search_alpha(_alpha_sample(x, n))
     if not a > 0:
         raise PgolfError(f"e8p scale multiplier must be positive, got {a}")
     x *= a

@@ -16,8 +16,9 @@ can reuse the sweep.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +29,18 @@ from .rtn import choose_scales, make_intk_tensor, qmax
 
 # Damping grows ×10 per failed Cholesky up to this fraction of the mean diagonal.
 MAX_DAMP = 1.0
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """The sweep is thousands of tiny ops: intra-op threads only add sync cost, and on a busy
+    machine their spin-waits made it 10-100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class RoundFn(Protocol):
@@ -76,33 +89,35 @@ def prepare_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = True, n
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise PgolfError(f"Hessian for {name} has shape {tuple(h.shape)}; expected a square in_features² matrix")
     h = check_hessian(name, h, h.shape[0])
-    ht = torch.from_numpy(np.array(h, dtype=np.float64))
-    ht = 0.5 * (ht + ht.T)  # accumulated sums can be asymmetric in the last bits
-    diag = torch.diagonal(ht)
-    dead = (diag == 0).numpy().copy()
+    h64 = np.asarray(h, dtype=np.float64)
+    hs = h64 + h64.T  # accumulated sums can be asymmetric in the last bits
+    hs *= 0.5
+    diag = np.diagonal(hs)
+    dead = diag == 0
     if dead.any():
-        idx = torch.from_numpy(np.flatnonzero(dead))
-        ht[idx, :] = 0
-        ht[:, idx] = 0
-        ht[idx, idx] = 1.0
-    n = ht.shape[0]
+        hs[dead, :] = 0
+        hs[:, dead] = 0
+        hs[dead, dead] = 1.0
+    n = hs.shape[0]
+    # Stable sort on the negated diagonal: descending, ties keep their original order.
+    perm = np.argsort(-np.diagonal(hs), kind="stable") if act_order else np.arange(n)
     if act_order:
-        perm = torch.argsort(torch.diagonal(ht), descending=True, stable=True)
-        ht = ht[perm][:, perm]
-    else:
-        perm = torch.arange(n)
-    mean_diag = float(torch.diagonal(ht).mean())
+        hs = hs[np.ix_(perm, perm)]
+    ht = torch.from_numpy(np.ascontiguousarray(hs))
+    mean_diag = float(np.diagonal(hs).mean())
     d = damp if damp > 0 else 0.0
-    while True:
-        hd = ht.clone()
-        hd.diagonal().add_(d * mean_diag)
-        u, ok = _chol_inverse_upper(hd)
-        if ok:
-            return PreparedHessian(u=u, perm=perm, dead=dead, damp=d)
-        nxt = d * 10 if d > 0 else 0.01
-        if nxt > MAX_DAMP * (1 + 1e-9):
-            raise PgolfError(f"Hessian for {name} is not positive definite even with damp={d:g}")
-        d = nxt
+    applied = 0.0
+    with _one_thread():
+        while True:
+            ht.diagonal().add_((d - applied) * mean_diag)
+            applied = d
+            u, ok = _chol_inverse_upper(ht)
+            if ok:
+                return PreparedHessian(u=u, perm=torch.from_numpy(perm), dead=dead.copy(), damp=d)
+            nxt = d * 10 if d > 0 else 0.01
+            if nxt > MAX_DAMP * (1 + 1e-9):
+                raise PgolfError(f"Hessian for {name} is not positive definite even with damp={d:g}")
+            d = nxt
 
 
 def _chol_inverse_upper(h: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -148,6 +163,13 @@ def gptq_sweep(
     if s.shape[0] != rows:
         raise PgolfError(f"{name}: {s.shape[0]} scales for {rows} rows")
 
+    with _one_thread():
+        q = _sweep(w, prep, s, r, block_size, round_fn, sweep_dtype)
+    return q
+
+
+def _sweep(w, prep: PreparedHessian, s: torch.Tensor, r: int, block_size: int, round_fn: RoundFn, sweep_dtype) -> np.ndarray:
+    rows, cols = w.shape
     # Columns are swept as contiguous rows of the transposed weight.
     perm = prep.perm
     wt = torch.from_numpy(np.array(w.T, order="C"))[perm].to(sweep_dtype).contiguous()

@@ -1,0 +1,274 @@
+"""The cap check: artifact bytes + the decode code that ships with it, the margin, what it buys.
+
+Code is counted the way the records ship it: Python sources are minified and wrapped in a one-line
+exec wrapper around a base85 string of the compressed source (raw LZMA2 as SDC/ALL6 ship, or
+brotli as TOP computes). Each file counts the smaller of its raw bytes and its best wrapper.
+
+Our minifier is stdlib-only: it drops comments, docstrings and other bare literal statements
+(via ``ast``), re-emits the code with ``ast.unparse`` and indents one space per level. Unlike the
+records' ``pyminify`` it renames nothing and keeps asserts, so its figures are an upper bound on what
+a more aggressive minifier would give.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import lzma
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import brotli
+
+from .. import CAP_BYTES
+from ..errors import PgolfError
+from .size import SizeReport
+
+_LZMA_HEAD = b'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
+_LZMA_TAIL = b'"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
+_BROTLI_HEAD = b'import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("'
+_BROTLI_TAIL = b'")))\n'
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+_LAYER_RE = re.compile(r"(?:^|\.)(?:blocks|layers|h|layer)\.(\d+)\.")
+
+
+# --- code bytes ------------------------------------------------------------------------------------
+
+
+class _DropLiteralStatements(ast.NodeTransformer):
+    """Remove docstrings and other bare constant expression statements; keep bodies non-empty."""
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        for attr in ("body", "orelse", "finalbody"):
+            body = getattr(node, attr, None)
+            if not isinstance(body, list) or not body or not isinstance(body[0], ast.stmt):
+                continue
+            kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+            if not kept and attr == "body":
+                kept = [ast.Pass()]
+            setattr(node, attr, kept)
+        return node
+
+
+def minify_source(text: str) -> str:
+    """Semantically equal, smaller Python source (no comments/docstrings, 1-space indents)."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as e:
+        raise PgolfError(f"cannot minify: not valid Python ({e.msg}, line {e.lineno})") from None
+    tree = ast.fix_missing_locations(_DropLiteralStatements().visit(tree))
+    out = ast.unparse(tree)
+    lines = []
+    for line in out.split("\n"):
+        n = len(line) - len(line.lstrip(" "))
+        lines.append(" " * (n // 4) + " " * (n % 4) + line[n:])
+    small = "\n".join(lines) + "\n"
+    # A multi-line string literal would have had its contents re-indented: keep the safe version.
+    try:
+        if ast.dump(ast.parse(small)) == ast.dump(ast.parse(out)):
+            return small
+    except SyntaxError:
+        pass
+    return out + "\n"
+
+
+def wrap_code(source: str, method: str) -> bytes:
+    """The self-extracting one-file form of ``source``: ``lzma`` (raw LZMA2) or ``brotli``, base85."""
+    data = source.encode()
+    if method == "lzma":
+        return _LZMA_HEAD + base64.b85encode(lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)) + _LZMA_TAIL
+    if method == "brotli":
+        return _BROTLI_HEAD + base64.b85encode(brotli.compress(data, quality=11)) + _BROTLI_TAIL
+    raise PgolfError(f"unknown code wrapper {method!r}; choose lzma or brotli")
+
+
+def unwrap_code(wrapper: bytes) -> str:
+    """Inverse of :func:`wrap_code` (used to prove a wrapper decodes to the minified source)."""
+    for head, tail, dec in (
+        (_LZMA_HEAD, _LZMA_TAIL, lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])),
+        (_BROTLI_HEAD, _BROTLI_TAIL, brotli.decompress),
+    ):
+        if wrapper.startswith(head) and wrapper.endswith(tail):
+            return dec(base64.b85decode(wrapper[len(head) : len(wrapper) - len(tail)])).decode()
+    raise PgolfError("not a pgolf-pack code wrapper")
+
+
+@dataclass
+class CodeCost:
+    path: str
+    raw_bytes: int
+    minified_bytes: int | None = None
+    lzma_bytes: int | None = None
+    brotli_bytes: int | None = None
+
+    @property
+    def counted(self) -> tuple[int, str]:
+        options = [(self.raw_bytes, "raw")]
+        if self.lzma_bytes is not None:
+            options.append((self.lzma_bytes, "minified+lzma wrapper"))
+        if self.brotli_bytes is not None:
+            options.append((self.brotli_bytes, "minified+brotli wrapper"))
+        return min(options, key=lambda o: o[0])
+
+    def to_dict(self) -> dict:
+        n, how = self.counted
+        return {**self.__dict__, "counted_bytes": n, "counted_as": how}
+
+
+def expand_code_paths(paths: list[str | os.PathLike]) -> list[Path]:
+    """Files as given; directories become their ``*.py`` files (no caches), sorted."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*.py") if "__pycache__" not in f.parts)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise PgolfError(f"code file not found: {p}")
+    if not out:
+        raise PgolfError("no code files found in the given --code paths")
+    return out
+
+
+def code_cost(path: str | os.PathLike) -> CodeCost:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PgolfError(f"cannot read code file {path}: {e.strerror}") from None
+    cost = CodeCost(str(path), len(data))
+    if path.suffix != ".py":
+        return cost
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise PgolfError(f"code file {path} is not UTF-8 text") from None
+    small = minify_source(text)
+    cost.minified_bytes = len(small.encode())
+    for method in ("lzma", "brotli"):
+        w = wrap_code(small, method)
+        if unwrap_code(w) != small:  # never count a wrapper that would not run
+            raise PgolfError(f"internal error: the {method} wrapper of {path} does not decode")
+        setattr(cost, f"{method}_bytes", len(w))
+    return cost
+
+
+# --- the verdict -----------------------------------------------------------------------------------
+
+
+@dataclass
+class MarginUse:
+    layers: int  # layers found in the artifact
+    layer_params: float  # mean params per layer
+    layer_bytes: float  # mean measured bytes per layer, incl. its share of the manifest
+    layer_scheme: str
+    extra_layers: int  # whole layers the margin pays for (0 when over)
+    matrix_bits_per_param: float  # bytes/param of the quantized matrices, in bits
+    params_for_margin: int  # |margin| expressed in parameters at that rate
+
+
+@dataclass
+class BudgetReport:
+    artifact_bytes: int
+    code: list[CodeCost]
+    cap: int = CAP_BYTES
+    use: MarginUse | None = None
+    source: str = ""
+
+    @property
+    def code_bytes(self) -> int:
+        return sum(c.counted[0] for c in self.code)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.artifact_bytes + self.code_bytes
+
+    @property
+    def margin(self) -> int:
+        return self.cap - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.margin >= 0
+
+    @property
+    def verdict(self) -> str:
+        return f"fits, margin {self.margin:,} bytes" if self.fits else f"over by {-self.margin:,} bytes"
+
+    def buys(self) -> list[str]:
+        """Plain-language lines on what the margin buys (or what must go)."""
+        u = self.use
+        if u is None:
+            return []
+        lines = []
+        m = abs(self.margin)
+        if u.layers:
+            shape = f"+1 layer of this shape ({u.layer_params:,.0f} params, {u.layer_scheme}) ≈ {u.layer_bytes:,.0f} bytes"
+            if self.fits:
+                lines.append(f"{shape}; the margin pays for {u.extra_layers} more layer(s)"
+                             f" (mean of the {u.layers} measured layers)")
+            else:
+                lines.append(f"the excess is {m / u.layer_bytes:.0%} of one layer ({u.layer_bytes:,.0f} bytes each,"
+                             f" mean of {u.layers}); dropping one layer saves about that much")
+        if u.matrix_bits_per_param > 0:
+            what = "more parameters" if self.fits else "parameters to remove (or store at fewer bits)"
+            lines.append(f"at the quantized matrices' {u.matrix_bits_per_param:.3f} bits/param, {m:,} bytes ≈ "
+                         f"{u.params_for_margin:,} {what}")
+        return lines
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "artifact_bytes": self.artifact_bytes,
+            "code": [c.to_dict() for c in self.code],
+            "code_bytes": self.code_bytes,
+            "total_bytes": self.total_bytes,
+            "cap": self.cap,
+            "margin": self.margin,
+            "fits": self.fits,
+            "verdict": self.verdict,
+            "margin_use": None if self.use is None else self.use.__dict__,
+            "buys": self.buys(),
+        }
+
+
+def margin_use(rep: SizeReport, margin: int) -> MarginUse:
+    """Price a layer and a parameter from the measured bytes of the existing layers."""
+    per_layer: dict[int, list] = {}
+    for r in rep.rows:
+        m = _LAYER_RE.search(r.name)
+        if m:
+            per_layer.setdefault(int(m.group(1)), []).append(r)
+    manifest_per_tensor = rep.header_bytes / max(len(rep.rows), 1)
+    if per_layer:
+        layer_bytes = sum(sum(r.bytes for r in rows) + manifest_per_tensor * len(rows)
+                          for rows in per_layer.values()) / len(per_layer)
+        layer_params = sum(sum(r.params for r in rows) for rows in per_layer.values()) / len(per_layer)
+        schemes = {r.scheme for rows in per_layer.values() for r in rows if r.symbol_bytes > 0}
+        scheme = schemes.pop() if len(schemes) == 1 else ("the current mix" if schemes else "float")
+    else:
+        layer_bytes, layer_params, scheme = 0.0, 0.0, ""
+    quant = [r for r in rep.rows if r.symbol_bytes > 0]
+    qbytes, qparams = sum(r.bytes for r in quant), sum(r.params for r in quant)
+    bpp = 8.0 * qbytes / qparams if qparams else 0.0
+    return MarginUse(
+        layers=len(per_layer),
+        layer_params=layer_params,
+        layer_bytes=layer_bytes,
+        layer_scheme=scheme,
+        extra_layers=int(margin // layer_bytes) if margin > 0 and layer_bytes > 0 else 0,
+        matrix_bits_per_param=bpp,
+        params_for_margin=int(abs(margin) * 8 / bpp) if bpp > 0 else 0,
+    )
+
+
+def budget_report(rep: SizeReport, code_paths: list[str | os.PathLike], cap: int = CAP_BYTES) -> BudgetReport:
+    if cap <= 0:
+        raise PgolfError(f"--cap must be positive, got {cap}")
+    costs = [code_cost(p) for p in expand_code_paths(code_paths)] if code_paths else []
+    out = BudgetReport(rep.total_bytes, costs, cap, None, rep.source)
+    out.use = margin_use(rep, out.margin)
+    return out

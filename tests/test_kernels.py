@@ -1,0 +1,169 @@
+"""Numba kernels against their numpy references: bit packing, byte shuffle, L1 row chain, counts.
+
+Run: python -m pytest -q tests/test_kernels.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgolf_pack.kernels.bitpack import (
+    pack_bits,
+    pack_bits_ref,
+    packed_size,
+    unpack_bits,
+    unpack_bits_ref,
+)
+from pgolf_pack.kernels.histogram import symbol_counts, symbol_counts_ref
+from pgolf_pack.kernels.rowsort import l1_chain_order, l1_chain_order_ref
+from pgolf_pack.kernels.shuffle import byte_shuffle, byte_shuffle_ref, byte_unshuffle, byte_unshuffle_ref
+
+SETTINGS = settings(max_examples=40, deadline=None)
+INT_DTYPES = ["int8", "uint8", "int16", "uint16", "int32", "int64"]
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# --- bit packing -----------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(bits=st.integers(1, 16), n=st.integers(0, 300), dtype=st.sampled_from(["uint8", "uint16", "int32", "int64"]), seed=st.integers(0, 2**32 - 1))
+def test_pack_bits_matches_reference_and_roundtrips(bits, n, dtype, seed):
+    if dtype == "uint8" and bits > 8:
+        dtype = "uint16"
+    v = _rng(seed).integers(0, 1 << bits, n).astype(dtype)
+    packed = pack_bits(v, bits)
+    assert packed.dtype == np.uint8 and packed.size == packed_size(n, bits)
+    np.testing.assert_array_equal(packed, pack_bits_ref(v, bits))
+    back = unpack_bits(packed, bits, n)
+    np.testing.assert_array_equal(back, unpack_bits_ref(packed, bits, n))
+    np.testing.assert_array_equal(back.astype(np.int64), v.astype(np.int64))
+    assert back.dtype == (np.uint8 if bits <= 8 else np.uint16)
+
+
+def test_pack_bits_known_stream():
+    # Symbols 0..3 at 2 bits, LSB first: 00 01 10 11 -> 0b11100100.
+    assert pack_bits(np.array([0, 1, 2, 3], np.uint8), 2).tolist() == [0xE4]
+    # 3 symbols of 5 bits: 15 bits, one zero pad bit; 31 | 0 << 5 | 31 << 10.
+    assert pack_bits(np.array([31, 0, 31], np.uint8), 5).tolist() == [0x1F, 0x7C]
+
+
+def test_unpack_accepts_bytes_and_ignores_padding():
+    packed = pack_bits(np.array([5, 6, 7], np.uint8), 3).tobytes()
+    assert unpack_bits(packed, 3, 3).tolist() == [5, 6, 7]
+    assert unpack_bits(packed, 3, 2).tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
+def test_pack_bits_rejects_out_of_range(dtype):
+    with pytest.raises(ValueError, match="out of range"):
+        pack_bits(np.array([0, 8], dtype=dtype), 3)
+    with pytest.raises(ValueError):
+        pack_bits_ref(np.array([0, 8], dtype=dtype), 3)
+
+
+def test_pack_bits_rejects_negative_and_bad_widths():
+    with pytest.raises(ValueError):
+        pack_bits(np.array([-1], np.int8), 7)
+    for bits in (0, 17):
+        with pytest.raises(ValueError):
+            pack_bits(np.zeros(3, np.uint8), bits)
+    with pytest.raises(ValueError, match="too short"):
+        unpack_bits(np.zeros(2, np.uint8), 6, 3)
+
+
+# --- byte shuffle ----------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(itemsize=st.integers(1, 8), n=st.integers(0, 200), seed=st.integers(0, 2**32 - 1))
+def test_byte_shuffle_matches_reference_and_inverts(itemsize, n, seed):
+    buf = _rng(seed).integers(0, 256, n * itemsize).astype(np.uint8)
+    sh = byte_shuffle(buf, itemsize)
+    np.testing.assert_array_equal(sh, byte_shuffle_ref(buf, itemsize))
+    np.testing.assert_array_equal(byte_unshuffle(sh, itemsize), buf)
+    np.testing.assert_array_equal(byte_unshuffle_ref(sh, itemsize), buf)
+
+
+def test_byte_shuffle_planes_of_int16():
+    v = np.array([1, 258, -1], dtype="<i2")  # bytes 01 00 | 02 01 | ff ff
+    assert byte_shuffle(v.tobytes(), 2).tolist() == [0x01, 0x02, 0xFF, 0x00, 0x01, 0xFF]
+
+
+def test_byte_shuffle_rejects_partial_items():
+    with pytest.raises(ValueError, match="whole number"):
+        byte_shuffle(np.zeros(5, np.uint8), 2)
+
+
+# --- L1 row chain ----------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    rows=st.integers(0, 40),
+    cols=st.integers(0, 24),
+    dtype=st.sampled_from(INT_DTYPES),
+    spread=st.sampled_from([1, 3, 1000, None]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_l1_chain_matches_reference(rows, cols, dtype, spread, seed):
+    info = np.iinfo(dtype)
+    # Small spreads force many ties; None spans the whole dtype to catch overflow.
+    lo, hi = (max(info.min, -spread), min(info.max, spread)) if spread else (max(info.min, -(2**40)), min(info.max, 2**40))
+    m = _rng(seed).integers(lo, hi, (rows, cols), endpoint=True).astype(dtype)
+    perm = l1_chain_order(m)
+    assert perm.dtype == np.int64
+    np.testing.assert_array_equal(perm, l1_chain_order_ref(m))
+    assert sorted(perm.tolist()) == list(range(rows))
+
+
+def test_l1_chain_known_order_and_ties():
+    m = np.array([[0], [10], [1], [9]], np.int8)
+    # 0 -> row 2 (distance 1) -> row 3 (8) -> row 1 (1).
+    assert l1_chain_order(m).tolist() == [0, 2, 3, 1]
+    # All rows equal: every step is a tie, so the lowest unused index wins.
+    assert l1_chain_order(np.zeros((5, 3), np.int16)).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_l1_chain_extreme_int16_values_do_not_wrap():
+    m = np.array([[-32768, -32768], [32767, 32767], [0, 0]], np.int16)
+    assert l1_chain_order(m).tolist() == [0, 2, 1]
+    m64 = np.array([[-(2**40)], [2**40], [0]], np.int64)
+    assert l1_chain_order(m64).tolist() == [0, 2, 1]
+
+
+def test_l1_chain_rejects_non_matrix():
+    with pytest.raises(ValueError):
+        l1_chain_order(np.zeros(5, np.int8))
+    with pytest.raises(TypeError):
+        l1_chain_order(np.zeros((2, 2), np.float32))
+
+
+# --- symbol counts ---------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(dtype=st.sampled_from(INT_DTYPES), n=st.integers(0, 500), width=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
+def test_symbol_counts_matches_reference(dtype, n, width, seed):
+    info = np.iinfo(dtype)
+    lo = max(int(info.min), -(width // 2))
+    hi = min(int(info.max), lo + width - 1)
+    v = _rng(seed).integers(lo, hi, n, endpoint=True).astype(dtype)
+    counts = symbol_counts(v, lo, hi)
+    assert counts.dtype == np.int64 and counts.size == hi - lo + 1 and counts.sum() == n
+    np.testing.assert_array_equal(counts, symbol_counts_ref(v, lo, hi))
+
+
+def test_symbol_counts_known_and_out_of_range():
+    v = np.array([[-2, 0], [0, 3]], np.int8)
+    assert symbol_counts(v, -2, 3).tolist() == [1, 0, 2, 0, 0, 1]
+    with pytest.raises(ValueError, match="1 symbols lie outside"):
+        symbol_counts(v, -1, 3)
+    with pytest.raises(ValueError):
+        symbol_counts_ref(v, -1, 3)
