@@ -189,7 +189,7 @@ def train_model(train: np.ndarray, val: np.ndarray, sp_path: Path, args) -> tupl
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             ev = evaluate_bpb(model, val, sp_path, seq_len=args.seq_len)
             model.train()
-            rec = {"step": step + 1, "train_loss": float(loss), "val_loss": ev["loss"], "val_bpb": ev["bpb"],
+            rec = {"step": step + 1, "train_loss": loss.item(), "val_loss": ev["loss"], "val_bpb": ev["bpb"],
                    "lr": lr, "seconds": time.perf_counter() - t0}
             log.append(rec)
             print(f"step {step + 1:4d}  train {rec['train_loss']:.4f}  val {ev['loss']:.4f}  "
@@ -201,7 +201,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -92,7 +93,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise PgolfError(f"{path} is not a valid safetensors file: {e}") from None
     elif kind == "torch":
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            # torch warns about pickle protocols on stderr; our own error below says what matters.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PgolfError(f"{path} is not a loadable weights-only torch state dict ({msg})") from None

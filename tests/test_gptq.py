@@ -209,9 +209,39 @@ def test_round_fn_is_swappable(rng):
     np.testing.assert_array_equal(gptq_sweep(w, np.eye(20), scale, 4, round_fn=round_nearest), quantize_with_scales(w, scale, 4))
 
 
-def test_input_weight_is_not_modified(rng):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_inputs_are_not_modified(act_order, rng):
     w = np.asfortranarray(heavy_weight(rng, 8, 16))
-    before = w.copy()
     x = correlated_inputs(rng, 100, 16)
-    gptq_quantize("w", w, "float32", x.T @ x, 3, sigmas=3.0)
-    np.testing.assert_array_equal(w, before)
+    x[:, 3] = 0
+    h = x.T @ x
+    w0, h0 = w.copy(), h.copy()
+    gptq_quantize("w", w, "float32", h, 3, sigmas=3.0, act_order=act_order)
+    np.testing.assert_array_equal(w, w0)
+    np.testing.assert_array_equal(h, h0)
+
+
+def test_prepared_hessian_is_shared_between_layers(rng):
+    x = correlated_inputs(rng, 300, 32)
+    h = x.T @ x
+    prep = prepare_hessian(h, damp=0.01, act_order=False)
+    for rows in (16, 8):
+        w = heavy_weight(rng, rows, 32)
+        shared = gptq_quantize("w", w, "float32", prep, 5)
+        fresh = gptq_quantize("w", w, "float32", h, 5, act_order=False)
+        assert shared.params == fresh.params and shared.params["act_order"] is False
+        np.testing.assert_array_equal(shared.streams["q"].data, fresh.streams["q"].data)
+        np.testing.assert_array_equal(shared.streams["scale"].data, fresh.streams["scale"].data)
+    with pytest.raises(PgolfError, match=r"Hessian for w is 32×32, expected 10×10"):
+        gptq_quantize("w", heavy_weight(rng, 4, 10), "float32", prep, 5)
+
+
+def test_round_fn_out_of_range_is_caught(rng):
+    w = heavy_weight(rng, 4, 6)
+    scale, _ = choose_scales(w, 4, "sdclip", sigmas=3.0)
+
+    def unclamped(x, s, *, qmax, col, err_weight):
+        return torch.round(x / s) * 100
+
+    with pytest.raises(ValueError, match=r"outside \[-7, 7\]"):
+        gptq_sweep(w, np.eye(6), scale, 4, round_fn=unclamped)

@@ -297,8 +297,13 @@ def test_byte_luts(tiny_sp):
     assert luts.is_boundary[320:].all()  # ids past the tokenizer's vocab
     byte_ids = [i for i in range(sp.vocab_size()) if sp.is_byte(i)]
     assert len(byte_ids) == 256 and all(luts.base_bytes[i] == 1 for i in byte_ids)
-    the = sp.piece_to_id("\u2581the")
-    assert the != sp.unk_id() and luts.has_leading_space[the] and luts.base_bytes[the] == 3
+    spaced = [i for i in range(4, sp.vocab_size()) if not sp.is_byte(i) and sp.id_to_piece(i).startswith("\u2581")]
+    assert spaced
+    for i in spaced:
+        assert luts.has_leading_space[i]
+        assert luts.base_bytes[i] == len(sp.id_to_piece(i)[1:].encode("utf-8"))
+    plain = [i for i in range(4, sp.vocab_size()) if not sp.is_byte(i) and not sp.id_to_piece(i).startswith("\u2581")]
+    assert plain and not luts.has_leading_space[plain].any()
     with pytest.raises(PgolfError, match="not found"):
         token_byte_luts(path.parent / "nope.model", 10)
 

@@ -17,7 +17,7 @@ import base64
 import lzma
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import brotli
@@ -32,6 +32,7 @@ _BROTLI_HEAD = b'import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("
 _BROTLI_TAIL = b'")))\n'
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _LAYER_RE = re.compile(r"(?:^|\.)(?:blocks|layers|h|layer)\.(\d+)\.")
+_SIGMAS_RE = re.compile(r" [0-9.]+σ")
 
 
 # --- code bytes ------------------------------------------------------------------------------------
@@ -247,7 +248,8 @@ def margin_use(rep: SizeReport, margin: int) -> MarginUse:
         layer_bytes = sum(sum(r.bytes for r in rows) + manifest_per_tensor * len(rows)
                           for rows in per_layer.values()) / len(per_layer)
         layer_params = sum(sum(r.params for r in rows) for rows in per_layer.values()) / len(per_layer)
-        schemes = {r.scheme for rows in per_layer.values() for r in rows if r.symbol_bytes > 0}
+        # Searched clip widths differ per tensor; the family (method, bits) is what names the scheme.
+        schemes = {_SIGMAS_RE.sub("", r.scheme) for rows in per_layer.values() for r in rows if r.symbol_bytes > 0}
         scheme = schemes.pop() if len(schemes) == 1 else ("the current mix" if schemes else "float")
     else:
         layer_bytes, layer_params, scheme = 0.0, 0.0, ""

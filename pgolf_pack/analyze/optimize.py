@@ -36,17 +36,20 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .. import __version__
 from ..checkpoint import check_finite, is_quantizable, to_float32
 from ..errors import PgolfError
 from ..fileio import atomic_write_bytes
-from ..pack.packer import build_groups, pack_model, role_of
+from ..pack.packer import pack_model, role_of
 from ..pipeline import quantize_tensors
 from ..quant.base import QuantizedModel, QuantizedTensor, dequantize_float32
 from ..quant.passthrough import store_float
 from ..recipe import Recipe, recipe_from_dict
-from .size import attribute_stream_bytes, zeroth_order_entropy
+from .size import attribute_stream_bytes, entropy_weights
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
+# A smallest plan predicted this far (relative) over the budget is refused without a real pack.
+CLEARLY_OVER = 0.02
 
 
 def default_candidates(bits: Sequence[int] = DEFAULT_BITS, method: str = "rtn", clip: str = "sdclip") -> list[dict]:
@@ -209,6 +212,7 @@ class PackTrial:
 class OptimizeDetails:
     budget: int
     codec: str
+    measure_codec: str
     candidates: list[str]
     choices: list[Choice]
     predicted_bytes: int
@@ -225,7 +229,8 @@ class OptimizeDetails:
 
     def to_dict(self) -> dict:
         return {
-            "budget": self.budget, "codec": self.codec, "actual_bytes": self.actual_bytes,
+            "budget": self.budget, "codec": self.codec, "measure_codec": self.measure_codec,
+            "actual_bytes": self.actual_bytes,
             "predicted_bytes": self.predicted_bytes, "margin": self.margin, "error": self.error,
             "min_plan_bytes": self.min_plan_bytes, "candidates": self.candidates,
             "choices": [c.to_dict() for c in self.choices], "trials": [t.__dict__ for t in self.trials],
@@ -244,22 +249,8 @@ def _measure(qm: QuantizedModel, codec: str, grouping: str, workers: int) -> tup
     """Real packed bytes of every tensor of ``qm`` (symbol groups split by entropy share, side
     groups by raw size) and the header+manifest bytes."""
     res = pack_model(qm, codec=codec, grouping=grouping, workers=workers)
-    per_stream, head = attribute_stream_bytes(res.blob, res.manifest)
-    out = {t.name: 0.0 for t in qm.tensors}
-    by_name = {t.name: t for t in qm.tensors}
-    for g, ge in zip(build_groups(qm, grouping), res.manifest["groups"]):
-        if g.kind != "symbols":
-            for tname, sname in g.members:
-                out[tname] += per_stream[tname][sname]
-            continue
-        ent = []
-        for tname, sname in g.members:
-            data = by_name[tname].streams[sname].data
-            ent.append(max(zeroth_order_entropy(data) * data.size, 1e-9))
-        tot = sum(ent)
-        for (tname, _), e in zip(g.members, ent):
-            out[tname] += ge["length"] * e / tot
-    return out, head
+    per_stream, head = attribute_stream_bytes(res.blob, res.manifest, entropy_weights(qm))
+    return {t: float(sum(s.values())) for t, s in per_stream.items()}, head
 
 
 def _hull(opts: list[Option]) -> list[Option]:
@@ -328,28 +319,46 @@ def _plan_recipe(base: Recipe, names: list[str], chosen: dict[str, int], specs: 
                              "default": common, "rule": rules}, "optimizer")
 
 
-def optimize_plan(
+@dataclass
+class Measurements:
+    """Every candidate's quantized tensors, real bytes and errors: solve for any budget from it."""
+
+    tensors: Mapping[str, torch.Tensor]
+    names: list[str]  # the quantizable tensors
+    specs: list[dict]
+    labels: list[str]
+    opts: dict[str, list[Option]]
+    hulls: dict[str, list[Option]]
+    cache: dict[tuple[str, int], QuantizedTensor]
+    passthrough: list[QuantizedTensor]
+    fixed: float  # passthrough bytes
+    header: float  # header+manifest bytes of the measurement packs
+    base: Recipe
+    grouping: str
+    measure_codec: str
+    workers: int = 2
+
+    def predicted(self, pos: Mapping[str, int]) -> float:
+        return self.fixed + sum(self.hulls[n][pos[n]].bytes for n in self.names)
+
+    def error(self, pos: Mapping[str, int]) -> float:
+        return sum(self.hulls[n][pos[n]].error for n in self.names)
+
+
+def measure_candidates(
     tensors: Mapping[str, torch.Tensor],
-    budget_bytes: int,
     hessians: Mapping[str, np.ndarray] | None = None,
     candidates: Sequence[Mapping] | None = None,
-    codec: str = "auto-fast",
+    measure_codec: str = "entropy",
     *,
     hessian_counts: Mapping[str, int] | None = None,
     base: Recipe | None = None,
     grouping: str = "role",
-    max_packs: int = 4,
     workers: int = 2,
     on_step: Callable[[str], None] | None = None,
-) -> tuple[Recipe, OptimizeDetails]:
-    """Pick a candidate per quantizable tensor, least predicted loss with real bytes ≤ budget.
-
-    Returns the recipe (explicit per-tensor rules; reproduces the plan through ``quantize``) and
-    details, including the verified artifact bytes (``details.blob``) of the final plan.
-    """
+) -> Measurements:
+    """Quantize the model with every candidate, pack it with the real packer, score the error."""
     say = on_step or (lambda _msg: None)
-    if budget_bytes <= 0:
-        raise PgolfError(f"budget must be a positive number of bytes, got {budget_bytes}")
     check_finite(tensors)
     base = base or Recipe()
     specs = [dict(c) for c in (candidates if candidates is not None else default_candidates())]
@@ -367,11 +376,10 @@ def optimize_plan(
             raise PgolfError(f"no candidate applies to tensor {n}")
     passthrough = [store_float(n, t, as_fp16=base.passthrough == "fp16") for n, t in tensors.items() if n not in names]
     errors = ErrorModel(hessians, hessian_counts, {n: tuple(tensors[n].shape) for n in names})
-    floats = {n: to_float32(tensors[n]) for n in names}
 
     cache: dict[tuple[str, int], QuantizedTensor] = {}
     opts: dict[str, list[Option]] = {n: [] for n in names}
-    fixed_samples, headers = [], []
+    fixed, headers = [], []
     for ci, spec in enumerate(specs):
         subset = {n: tensors[n] for n in names if _applies(spec, n)}
         if not subset:
@@ -380,50 +388,70 @@ def optimize_plan(
         rec = recipe_from_dict({"min_numel": base.min_numel, "passthrough": base.passthrough,
                                 "default": {k: v for k, v in spec.items() if k != "match"}}, labels[ci])
         qm = quantize_tensors(subset, rec, {k: v for k, v in (hessians or {}).items() if k in subset} or None)
-        say(f"candidate {labels[ci]}: pack ({codec})")
-        measured, head = _measure(QuantizedModel(qm.tensors + passthrough), codec, grouping, workers)
+        say(f"candidate {labels[ci]}: pack ({measure_codec})")
+        measured, head = _measure(QuantizedModel(qm.tensors + passthrough), measure_codec, grouping, workers)
         headers.append(head)
+        fixed.append(sum(measured[p.name] for p in passthrough))
         for qt in qm.tensors:
             cache[(qt.name, ci)] = qt
-            err = errors(qt.name, floats[qt.name], dequantize_float32(qt))
+            err = errors(qt.name, to_float32(tensors[qt.name]), dequantize_float32(qt))
             opts[qt.name].append(Option(ci, measured[qt.name], err))
-        fixed_samples.append(sum(measured[p.name] for p in passthrough))
-    hulls = {n: _hull(o) for n, o in opts.items()}
     # Passthrough bytes barely move between candidates.
-    fixed = float(np.mean(fixed_samples)) if fixed_samples else 0.0
+    return Measurements(tensors, names, specs, labels, opts, {n: _hull(o) for n, o in opts.items()}, cache,
+                        passthrough, float(np.mean(fixed)), float(np.mean(headers)), base, grouping,
+                        measure_codec, workers)
 
-    def predicted(pos: dict[str, int]) -> float:
-        return fixed + sum(hulls[n][pos[n]].bytes for n in names)
 
-    def plan_error(pos: dict[str, int]) -> float:
-        return sum(hulls[n][pos[n]].error for n in names)
+def _pack_plan(m: Measurements, pos: Mapping[str, int], codec: str) -> tuple[Recipe, bytes, dict]:
+    """The real artifact of a plan, exactly as ``quantize`` with the plan's recipe writes it."""
+    chosen = {n: m.hulls[n][pos[n]].cand for n in m.names}
+    rec = _plan_recipe(m.base, m.names, chosen, m.specs, m.labels, m.grouping)
+    group_of = {r["match"]: r.get("group") for r in rec.rules}
+    by_name = {p.name: p for p in m.passthrough}
+    out = []
+    for n in m.tensors:
+        if n not in chosen:
+            out.append(by_name[n])
+            continue
+        qt = m.cache[(n, chosen[n])]
+        params = {k: v for k, v in qt.params.items() if k != "group"}
+        if group_of.get(_exact_glob(n)):
+            params["group"] = group_of[_exact_glob(n)]
+        out.append(QuantizedTensor(qt.name, qt.shape, qt.dtype, qt.scheme, params, qt.streams))
+    # The same meta as quantize_tensors writes, so ``quantize --recipe`` reproduces these bytes.
+    meta = {"pgolf_pack": __version__, "recipe": rec.to_dict()}
+    res = pack_model(QuantizedModel(out, meta), codec=codec, grouping=m.grouping, workers=m.workers)
+    return rec, res.blob, res.manifest
 
-    def real_pack(pos: dict[str, int]) -> tuple[Recipe, bytes, dict]:
-        chosen = {n: hulls[n][pos[n]].cand for n in names}
-        rec = _plan_recipe(base, names, chosen, specs, labels, grouping)
-        out = []
-        for n in tensors:
-            if n in chosen:
-                qt = cache[(n, chosen[n])]
-                group = next((r.get("group") for r in rec.rules if r["match"] == _exact_glob(n)), None)
-                params = {k: v for k, v in qt.params.items() if k != "group"}
-                if group:
-                    params["group"] = group
-                out.append(QuantizedTensor(qt.name, qt.shape, qt.dtype, qt.scheme, params, qt.streams))
-            else:
-                out.append(next(p for p in passthrough if p.name == n))
-        res = pack_model(QuantizedModel(out, {"recipe": rec.to_dict()}), codec=codec, grouping=grouping, workers=workers)
-        return rec, res.blob, res.manifest
 
+def plan_for_budget(
+    m: Measurements,
+    budget_bytes: int,
+    codec: str = "auto-fast",
+    max_packs: int = 3,
+    on_step: Callable[[str], None] | None = None,
+) -> tuple[Recipe, OptimizeDetails]:
+    """Solve the measured candidates for ``budget_bytes``; verify (and repair) with real packs."""
+    say = on_step or (lambda _msg: None)
+    if budget_bytes <= 0:
+        raise PgolfError(f"budget must be a positive number of bytes, got {budget_bytes}")
+    names, hulls = m.names, m.hulls
     min_pos = {n: 0 for n in names}
+    smallest = m.predicted(min_pos) + m.header
+    if smallest > budget_bytes * (1 + CLEARLY_OVER):
+        # Far beyond what a real pack could recover: say so without the expensive check.
+        raise PgolfError(
+            f"budget {budget_bytes:,} bytes cannot be met: even with every tensor at its smallest candidate "
+            f"the artifact is about {smallest:,.0f} bytes (measured with {m.measure_codec}), "
+            f"about {smallest - budget_bytes:,.0f} over")
     trials: list[PackTrial] = []
     best: tuple | None = None  # (error, pos, recipe, blob, manifest, predicted)
 
     def attempt(pos: dict[str, int], target: float) -> float:
         """Pack ``pos`` for real; keep it if it fits and is the best so far. Returns the miss."""
         nonlocal best
-        rec, blob, manifest = real_pack(pos)
-        pred, err = predicted(pos), plan_error(pos)
+        rec, blob, manifest = _pack_plan(m, pos, codec)
+        pred, err = m.predicted(pos), m.error(pos)
         trials.append(PackTrial(int(target), int(round(pred)), len(blob), err))
         if len(blob) <= budget_bytes and (best is None or err < best[0]):
             best = (err, dict(pos), rec, blob, manifest, pred)
@@ -434,19 +462,19 @@ def optimize_plan(
         return len(blob) - pred
 
     # The header+manifest is what the per-tensor figures leave out; the measurement packs show it.
-    target = budget_bytes - float(np.mean(headers))
-    pos = _greedy(hulls, fixed, target)
+    target = budget_bytes - m.header
+    pos = _greedy(hulls, m.fixed, target)
     for _ in range(max(1, max_packs)):
-        say(f"verify: full pack of the plan solved for {int(target):,} bytes")
+        say(f"verify: full pack ({codec}) of the plan solved for {int(target):,} bytes")
         miss = attempt(pos, target)
         target = budget_bytes - miss
-        nxt = _greedy(hulls, fixed, target)
-        if nxt == pos or (best is not None and plan_error(nxt) >= best[0]):
+        nxt = _greedy(hulls, m.fixed, target)
+        if nxt == pos or (best is not None and m.error(nxt) >= best[0]):
             break
         pos = nxt
     while best is None:
         # Still over: step back where the least error per byte is lost, then pack again.
-        excess = predicted(pos) + miss - budget_bytes
+        excess = m.predicted(pos) + miss - budget_bytes
         saved = 0.0
         while saved < excess * 1.02 + 16 and any(pos[n] > 0 for n in names):
             n = min((n for n in names if pos[n] > 0), key=lambda n: (
@@ -454,11 +482,48 @@ def optimize_plan(
                 / max(hulls[n][pos[n]].bytes - hulls[n][pos[n] - 1].bytes, 1e-9), n))
             saved += hulls[n][pos[n]].bytes - hulls[n][pos[n] - 1].bytes
             pos[n] -= 1
-        say("repair: full pack after stepping down")
-        miss = attempt(pos, predicted(pos))
+        say(f"repair: full pack ({codec}) after stepping down")
+        miss = attempt(pos, m.predicted(pos))
     err, pos, rec, blob, manifest, pred = best
-    min_err = {n: min(o.error for o in opts[n]) for n in names}
-    choices = [Choice(n, labels[hulls[n][pos[n]].cand], {k: v for k, v in specs[hulls[n][pos[n]].cand].items() if k != "match"},
-                      hulls[n][pos[n]].bytes, hulls[n][pos[n]].error, min_err[n]) for n in names]
-    return rec, OptimizeDetails(int(budget_bytes), codec, labels, choices, int(round(pred)), len(blob), err,
-                                int(round(predicted(min_pos) + np.mean(headers))), trials, blob, manifest)
+    choices = []
+    for n in names:
+        o = hulls[n][pos[n]]
+        choices.append(Choice(n, m.labels[o.cand], {k: v for k, v in m.specs[o.cand].items() if k != "match"},
+                              o.bytes, o.error, min(x.error for x in m.opts[n])))
+    return rec, OptimizeDetails(int(budget_bytes), codec, m.measure_codec, m.labels, choices, int(round(pred)),
+                                len(blob), err, int(round(smallest)), trials, blob, manifest)
+
+
+def optimize_plan(
+    tensors: Mapping[str, torch.Tensor],
+    budget_bytes: int,
+    hessians: Mapping[str, np.ndarray] | None = None,
+    candidates: Sequence[Mapping] | None = None,
+    codec: str = "auto-fast",
+    *,
+    hessian_counts: Mapping[str, int] | None = None,
+    base: Recipe | None = None,
+    grouping: str = "role",
+    measure_codec: str | None = None,
+    max_packs: int = 3,
+    workers: int = 2,
+    on_step: Callable[[str], None] | None = None,
+) -> tuple[Recipe, OptimizeDetails]:
+    """Pick a candidate per quantizable tensor, least predicted loss with real bytes ≤ budget.
+
+    Returns the recipe (explicit per-tensor rules; reproduces the plan through ``quantize``) and
+    details, including the verified artifact bytes (``details.blob``) of the final plan. For
+    several budgets, call :func:`measure_candidates` once and :func:`plan_for_budget` per budget.
+
+    ``measure_codec`` packs the candidates; by default ``codec``, except that for ``auto``/
+    ``auto-fast`` it is ``entropy``: those keep the smallest of several codecs (``entropy`` among
+    them) per group, so entropy-coded bytes bound theirs from above at a fraction of the time; the
+    full packs that verify the plan use ``codec`` itself.
+    """
+    if budget_bytes <= 0:
+        raise PgolfError(f"budget must be a positive number of bytes, got {budget_bytes}")
+    if measure_codec is None:
+        measure_codec = "entropy" if codec in ("auto", "auto-fast") else codec
+    m = measure_candidates(tensors, hessians, candidates, measure_codec, hessian_counts=hessian_counts, base=base,
+                           grouping=grouping, workers=workers, on_step=on_step)
+    return plan_for_budget(m, budget_bytes, codec, max_packs, on_step)

@@ -1,8 +1,11 @@
 """Where the bytes of an artifact go: per-tensor symbol, side and header bytes, plus symbol entropy.
 
-Every payload byte is attributed to the (tensor, stream) members of its group by raw size with the
-largest-remainder rule (the same rule as :func:`pgolf_pack.pack.packer.attribute_bytes`), so the
-rows plus the header+manifest line add up to the artifact size exactly.
+Every payload byte of a group is attributed to its (tensor, stream) members with the
+largest-remainder rule, so the rows plus the header+manifest line add up to the artifact size
+exactly. Symbol groups are split in proportion to each member's order-0 entropy (n·H0: what it
+would cost coded alone), so a layer whose symbols are cheaper shows fewer bytes; ``split="raw"``
+splits by raw size instead, like :func:`pgolf_pack.pack.packer.attribute_bytes` (the ``quantize``
+report). Side groups (scales, float data) are always split by raw size.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from ..quant.base import QuantizedModel, QuantizedTensor
 from ..recipe import Recipe
 
 SORT_KEYS = ("bytes", "name", "params", "bpp", "order")
+SPLITS = ("entropy", "raw")
 
 
-def _largest_remainder(total: int, sizes: list[int]) -> list[int]:
+def _largest_remainder(total: int, sizes: list[float]) -> list[int]:
     denom = sum(sizes) or 1
     exact = [total * s / denom for s in sizes]
     base = [int(x) for x in exact]
@@ -39,8 +43,14 @@ def _largest_remainder(total: int, sizes: list[int]) -> list[int]:
     return base
 
 
-def attribute_stream_bytes(blob: bytes, manifest: dict) -> tuple[dict[str, dict[str, int]], int]:
-    """Payload bytes per tensor and stream, and header+manifest bytes; they sum to ``len(blob)``."""
+def attribute_stream_bytes(
+    blob: bytes, manifest: dict, weights: Mapping[tuple[str, str], float] | None = None
+) -> tuple[dict[str, dict[str, int]], int]:
+    """Payload bytes per tensor and stream, and header+manifest bytes; they sum to ``len(blob)``.
+
+    A group is split by ``weights[(tensor, stream)]`` when every member has a positive weight,
+    otherwise by raw size.
+    """
     members: list[list[tuple[int, str, str, int]]] = [[] for _ in manifest["groups"]]
     for t in manifest["tensors"]:
         for sname, s in t["streams"].items():
@@ -49,9 +59,17 @@ def attribute_stream_bytes(blob: bytes, manifest: dict) -> tuple[dict[str, dict[
     per: dict[str, dict[str, int]] = {t["name"]: {} for t in manifest["tensors"]}
     for g, mem in zip(manifest["groups"], members):
         mem.sort(key=lambda m: m[0])
-        for (_, tname, sname, _), b in zip(mem, _largest_remainder(g["length"], [m[3] for m in mem])):
+        w = [(weights or {}).get((m[1], m[2]), 0.0) for m in mem]
+        sizes = w if all(x > 0 for x in w) else [m[3] for m in mem]
+        for (_, tname, sname, _), b in zip(mem, _largest_remainder(g["length"], sizes)):
             per[tname][sname] = per[tname].get(sname, 0) + b
     return per, header_bytes(blob)
+
+
+def entropy_weights(qm: QuantizedModel) -> dict[tuple[str, str], float]:
+    """n·H0 bits of every symbol stream: how a symbol group's bytes are split over its members."""
+    return {(t.name, s): zeroth_order_entropy(v.data) * v.data.size
+            for t in qm.tensors for s, v in t.streams.items() if v.kind == "symbols"}
 
 
 def zeroth_order_entropy(a: np.ndarray) -> float:
@@ -103,6 +121,7 @@ class SizeReport:
     total_bytes: int
     source: str = ""
     codec: str = ""
+    split: str = "entropy"
     cap: int = CAP_BYTES
     groups: list[dict] = field(default_factory=list)
 
@@ -113,6 +132,7 @@ class SizeReport:
     def to_dict(self) -> dict:
         return {
             "source": self.source,
+            "split": self.split,
             "total_bytes": self.total_bytes,
             "header_bytes": self.header_bytes,
             "symbol_bytes": sum(r.symbol_bytes for r in self.rows),
@@ -160,8 +180,11 @@ def size_report(
     qm: QuantizedModel,
     originals: Mapping[str, torch.Tensor] | None = None,
     source: str = "",
+    split: str = "entropy",
 ) -> SizeReport:
-    per, head = attribute_stream_bytes(blob, manifest)
+    if split not in SPLITS:
+        raise PgolfError(f"unknown split {split!r}; choose entropy or raw")
+    per, head = attribute_stream_bytes(blob, manifest, entropy_weights(qm) if split == "entropy" else None)
     kinds = {t["name"]: {s: v["kind"] for s, v in t["streams"].items()} for t in manifest["tensors"]}
     rows = []
     for i, qt in enumerate(qm.tensors):
@@ -174,7 +197,7 @@ def size_report(
                             (sym + side) / max(len(blob), 1), err, i))
     groups = [{k: g[k] for k in ("name", "kind", "codec", "raw_bytes", "length")} for g in manifest["groups"]]
     codecs = sorted({g["codec"] for g in manifest["groups"]})
-    return SizeReport(rows, head, len(blob), source, "+".join(codecs), groups=groups)
+    return SizeReport(rows, head, len(blob), source, "+".join(codecs), split=split, groups=groups)
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
@@ -220,6 +243,6 @@ def load_or_pack(
 
 def analyze_size(path: str | os.PathLike, recipe: Recipe, codec: str = "auto-fast", grouping: str = "role",
                  hessians: Mapping[str, np.ndarray] | None = None,
-                 on_tensor: Callable[[str], None] | None = None) -> SizeReport:
+                 on_tensor: Callable[[str], None] | None = None, split: str = "entropy") -> SizeReport:
     p = load_or_pack(path, recipe, codec, grouping, hessians, on_tensor)
-    return size_report(p.blob, p.manifest, p.qm, p.originals, p.source)
+    return size_report(p.blob, p.manifest, p.qm, p.originals, p.source, split)

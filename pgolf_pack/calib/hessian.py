@@ -7,8 +7,10 @@ Drop into a training script::
             model(batch)
     save_hessians("hessians.safetensors", hc.hessians(), hc.counts())
 
-Forward hooks fire on every call, so a layer run several times per forward (depth recurrence,
-activation checkpointing's recomputation) accumulates every call; hooks need eager execution.
+Each batch's xᵀx is computed in float32 (float64 for float64 inputs) and accumulated across
+batches in the collector's dtype (float64 by default). Forward hooks fire on every call, so a layer
+run several times per forward (depth recurrence, activation checkpointing's recomputation)
+accumulates every call; hooks need eager execution (not a torch.compile'd graph).
 
 File format (``save_hessians`` / ``load_hessians``): a safetensors file with one float32 tensor per
 weight, keyed by its state-dict name (``blocks.0.attn.c_q.weight``), holding the **sum**
@@ -85,8 +87,11 @@ class _GramCache:
             version = None
         if version is not None and self.x is not None and self.x() is x and version == self.version and self.gram.dtype == dtype:
             return self.gram
-        xx = x.detach().reshape(-1, features).to(dtype)
-        gram = xx.T @ xx
+        # One batch's product in float32 (float64 inputs stay float64): fp64 GEMM costs twice as
+        # much on CPU and its precision only matters across batches, where we accumulate in `dtype`.
+        xx = x.detach().reshape(-1, features)
+        xx = xx.to(torch.float64 if xx.dtype == torch.float64 else torch.float32)
+        gram = (xx.T @ xx).to(dtype)
         if version is not None:
             self.x, self.version, self.gram = weakref.ref(x), version, gram
         else:

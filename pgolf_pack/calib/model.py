@@ -42,6 +42,9 @@ class GPTConfig:
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    # The baseline casts its whole module to bf16, rotary buffer included, so the models it trains
+    # saw bf16 position/angle tables (positions above 256 rounded). True reproduces that exactly.
+    rope_bf16: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads"):
@@ -144,16 +147,17 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float) -> None:
+    def __init__(self, head_dim: int, base: float, table_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.table_dtype = table_dtype
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
-            pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-            angles = torch.outer(pos, self.inv_freq.to(device))
+            pos = torch.arange(seq_len, device=device, dtype=self.table_dtype)
+            angles = torch.outer(pos, self.inv_freq.to(device=device, dtype=self.table_dtype))
             self._cache = (seq_len, device, angles.cos()[None, None], angles.sin()[None, None])
         return self._cache[2].to(dtype), self._cache[3].to(dtype)
 
@@ -176,7 +180,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = CastedLinear(cfg.model_dim, cfg.kv_dim)
         self.c_v = CastedLinear(cfg.model_dim, cfg.kv_dim)
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, torch.bfloat16 if cfg.rope_bf16 else torch.float32)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from .app import app
-from . import core  # noqa: F401  (registers commands)
+from . import calib, core  # noqa: F401  (registers commands)
+from . import analyze  # noqa: F401  (registers the analyze commands)
 
 
 def main() -> None:

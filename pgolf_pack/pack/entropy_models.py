@@ -225,50 +225,55 @@ def initial_scale_index(h: np.ndarray, values: np.ndarray, q: int, s_min: int, s
 
 
 def fit_lines(
-    hists: list[np.ndarray],
-    offsets: list[np.ndarray] | None,
+    hists: list[list[np.ndarray]],
     cache: TableCache,
     values: np.ndarray,
     s_range: tuple[int, int],
+    offsets: list[np.ndarray] | None = None,
+    means: list[np.ndarray] | None = None,
+    init: list[np.ndarray] | None = None,
     window: int = 2,
     rounds: int = 3,
-    init: list[np.ndarray] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
-    """ML scale (and mean) index per line (row or column) of each tensor.
+    """ML scale index per line (row or column) of each tensor, plus its mean index.
 
-    ``hists[t]`` is (lines, n) or, with ``offsets``, a list over other-axis offset groups: then
-    ``offsets[t]`` gives each group's additive scale offset and the line's class is offset + s.
-    Returns per-tensor scale indices, mean indices and the total cost in bits.
+    ``hists[t]`` lists (lines, n) histograms, one per group of the other axis; ``offsets[t][g]``
+    is that group's (scale, mean) index offset, so a symbol's table key is
+    (s_line + off_s, m_line + off_m). Mean indices come from ``means`` or, when the param has a
+    mean grid, from the line's sample mean. Returns scale indices, mean indices, total bits.
     """
     p = cache.param
     s_min, s_max = s_range
     s_out, m_out, total = [], [], 0.0
-    for t, h in enumerate(hists):
-        groups = h if offsets is not None else [h]
-        offs = offsets[t] if offsets is not None else np.zeros(1, np.int64)
+    for t, groups in enumerate(hists):
+        offs = np.asarray(offsets[t], np.int64).reshape(-1, 2) if offsets is not None else np.zeros((1, 2), np.int64)
         hsum = np.sum(groups, axis=0) if len(groups) else np.zeros((0, len(values)), np.int64)
         nlines = hsum.shape[0]
         if nlines == 0:
             s_out.append(np.zeros(0, np.int64))
             m_out.append(np.zeros(0, np.int64))
             continue
-        # Start from the moment estimate of the offset-free spread; offsets are relative.
         s, mean = initial_scale_index(hsum, values, p.q, s_min, s_max)
         if init is not None:
             s = np.asarray(init[t], dtype=np.int64).copy()
         elif offsets is not None:
-            s = np.clip(s - int(np.round(np.median(offs))), s_min, s_max)
-        m = np.zeros(nlines, np.int64) if not p.m else np.round(mean * p.m).astype(np.int64)
+            s = np.clip(s - int(np.round(np.median(offs[:, 0]))), s_min, s_max)
+        if means is not None:
+            m = np.asarray(means[t], np.int64)
+        elif p.m:
+            m = np.round(mean * p.m).astype(np.int64)
+        else:
+            m = np.zeros(nlines, np.int64)
         best_cost = None
         for _ in range(rounds):
             cand = np.clip(s[:, None] + np.arange(-window, window + 1)[None, :], s_min, s_max)
             cost = np.zeros(cand.shape)
-            for g, off in zip(groups, offs):
+            for g, (os_, om) in zip(groups, offs.tolist()):
                 if not g.any():
                     continue
-                keys = np.stack([cand + off, np.broadcast_to(m[:, None], cand.shape)], -1)
+                keys = np.stack([cand + os_, np.broadcast_to(m[:, None] + om, cand.shape)], -1)
                 uniq, inv = pair_codes(keys)
-                cst = cache.costs(uniq)  # (U, n)
+                cst = cache.costs(uniq)
                 cost += np.einsum("ln,lkn->lk", g.astype(np.float64), cst[inv.reshape(cand.shape)])
             j = cost.argmin(axis=1)
             s_new = cand[np.arange(nlines), j]
@@ -382,10 +387,13 @@ def table_bits(t: np.ndarray) -> tuple[int, int]:
         return 5, 0
     run_bits = int(_eg_len(runs[runs > 0] - 1, 0).sum())
     best = None
+    # The total Exp-Golomb length is unimodal in k, so stop once it starts growing.
     for k in range(0, 25):
         b = int(_eg_len(vals, k).sum()) + run_bits + 5
         if best is None or b < best[0]:
             best = (b, k)
+        elif b > best[0]:
+            break
     return best
 
 
@@ -423,7 +431,7 @@ def choose_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
     c = np.asarray(counts, dtype=np.int64)
     n = int(c.sum())
     best = None
-    top = max(1, int(n).bit_length())
+    top = max(2, int(n).bit_length())
     for b in range(2, top + 1):
         q = quantize_counts(c, b)
         bits = hist_cost_bits(c, q) + table_bits(q)[0]
@@ -432,3 +440,142 @@ def choose_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
         if n <= (1 << b):
             break
     return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Row prediction: each row may be predicted from one earlier row or from the running mean of an
+# earlier group of rows, scaled by a coefficient k / PRED_DEN. Rows that look alike (e.g. the
+# embedding rows of tokens never seen in training) then cost only their residual.
+
+PRED_DEN = 8
+PRED_KMAX = 16  # coefficients in [-2, 2]
+MODE_NONE, MODE_GROUP, MODE_ROW = 0, 1, 2
+
+
+@dataclass
+class RowPred:
+    """Per-row prediction choices of one tensor (lengths: mode R; gidx, roff, coef per use)."""
+
+    mode: np.ndarray  # 0 none, 1 mean of an active group, 2 one earlier row
+    gidx: np.ndarray  # mode 1: index into the groups that have >= 2 rows, in order of reaching 2
+    roff: np.ndarray  # mode 2: r - j - 1 for reference row j
+    coef: np.ndarray  # modes 1, 2: k in [-PRED_KMAX, PRED_KMAX] \ {0}
+
+
+def _rounded_pred(k: int, s: np.ndarray, n: int) -> np.ndarray:
+    """round-half-up(k * s / (PRED_DEN * n)) in exact integer arithmetic."""
+    d = 2 * PRED_DEN * n
+    return (2 * k * s + PRED_DEN * n) // d
+
+
+def run_row_prediction(src: np.ndarray, pred: RowPred, decode: bool) -> np.ndarray:
+    """Residuals of x (decode=False) or x from residuals (decode=True); both walk rows in order.
+
+    Raises ValueError on inconsistent choices (a corrupt buffer on the decode side).
+    """
+    rows, cols = src.shape
+    out = np.empty_like(src)
+    xs = src if not decode else out
+    sums: list[np.ndarray] = []
+    counts: list[int] = []
+    group_of = np.empty(rows, dtype=np.int64)
+    active: list[int] = []
+    gi = ri = ci = 0
+    for r in range(rows):
+        m = int(pred.mode[r])
+        if m == MODE_NONE:
+            out[r] = src[r]
+            g = len(sums)
+            sums.append(np.zeros(cols, np.int64))
+            counts.append(0)
+        else:
+            k = int(pred.coef[ci])
+            ci += 1
+            if m == MODE_GROUP:
+                g = active[int(pred.gidx[gi])]
+                gi += 1
+                p = _rounded_pred(k, sums[g], counts[g])
+            elif m == MODE_ROW:
+                j = r - 1 - int(pred.roff[ri])
+                ri += 1
+                if j < 0:
+                    raise ValueError("row reference before the first row")
+                g = int(group_of[j])
+                p = _rounded_pred(k, xs[j], 1)
+            else:
+                raise ValueError(f"unknown row prediction mode {m}")
+            out[r] = src[r] + p if decode else src[r] - p
+        group_of[r] = g
+        sums[g] += xs[r]
+        counts[g] += 1
+        if counts[g] == 2:
+            active.append(g)
+    return out
+
+
+def fit_row_prediction(x: np.ndarray, block: int = 256) -> RowPred:
+    """Greedy choice per row of the predictor that saves the most estimated bits (or none).
+
+    Savings are estimated from residual energy (Gaussian rate 0.5*log2 of the energy ratio per
+    symbol) minus the side-information bits of the choice.
+    """
+    rows, cols = x.shape
+    mode = np.zeros(rows, np.int64)
+    gidx, roff, coef = [], [], []
+    if rows < 2 or cols == 0:
+        return RowPred(mode, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    xf = x.astype(np.float32)
+    nrm = (x.astype(np.float64) ** 2).sum(axis=1)
+    floor = 0.1 * cols
+    group_of = np.zeros(rows, np.int64)
+    counts = np.zeros(rows, np.int64)
+    ss = np.zeros(rows)  # squared norm of each group's sum
+    active: list[int] = []
+    ngroups = 0
+    for b0 in range(0, rows, block):
+        b1 = min(rows, b0 + block)
+        gram = (xf[:b1] @ xf[b0:b1].T).astype(np.float64)  # (b1, block)
+        for r in range(b0, b1):
+            col = gram[:, r - b0]
+            best_gain, best = 0.0, None
+            e0 = nrm[r] + floor
+            dots = np.bincount(group_of[:r], weights=col[:r], minlength=ngroups + 1)
+            if r > 0:
+                px = col[:r]
+                pp = nrm[:r]
+                cand = [(px, pp, MODE_ROW, np.log2(r) + 1.5)]
+                if active:
+                    act = np.array(active)
+                    n = counts[act].astype(np.float64)
+                    cand.append((dots[act] / n, ss[act] / n**2, MODE_GROUP, np.log2(len(active)) + 1.5))
+                for cpx, cpp, kind, side in cand:
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        k = np.clip(np.rint(PRED_DEN * cpx / np.where(cpp > 0, cpp, 1)), -PRED_KMAX, PRED_KMAX)
+                    c = k / PRED_DEN
+                    e = nrm[r] - 2 * c * cpx + c * c * cpp + cols / 12.0 * (k != 0)
+                    gain = 0.5 * cols * np.log2(e0 / np.maximum(e + floor, 1e-9)) - side - 4.0
+                    gain = np.where(k != 0, gain, -np.inf)
+                    i = int(np.argmax(gain))
+                    if gain[i] > best_gain:
+                        best_gain, best = float(gain[i]), (kind, i, int(k[i]))
+            if best is None:
+                g = ngroups
+                ngroups += 1
+            else:
+                kind, i, k = best
+                mode[r] = kind
+                coef.append(k)
+                if kind == MODE_ROW:
+                    roff.append(r - 1 - i)
+                    g = int(group_of[i])
+                else:
+                    gidx.append(i)
+                    g = active[i]
+            # Group bookkeeping mirrors run_row_prediction: a row joins its reference's group.
+            ss[g] += 2.0 * float(dots[g]) + nrm[r]
+            group_of[r] = g
+            counts[g] += 1
+            if counts[g] == 2:
+                active.append(g)
+    return RowPred(mode, np.array(gidx, np.int64), np.array(roff, np.int64), np.array(coef, np.int64))
+

@@ -17,6 +17,7 @@ can reuse the sweep.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -31,16 +32,29 @@ from .rtn import choose_scales, make_intk_tensor, qmax
 MAX_DAMP = 1.0
 
 
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 1
+
+
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """The sweep is thousands of tiny ops: intra-op threads only add sync cost, and on a busy
-    machine their spin-waits made it 10-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Run torch single-threaded: the sweep is thousands of tiny ops, where intra-op threads only
+    add sync cost, and on a busy machine their spin-waits made it 10-100x slower. Reference-counted
+    so concurrent callers (one matrix per Python thread) restore the setting once, at the end."""
+    global _threads_users, _threads_saved
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
 
 
 class RoundFn(Protocol):
@@ -66,10 +80,21 @@ class PreparedHessian:
     perm: torch.Tensor  # sweep position -> original column
     dead: np.ndarray  # bool per original column
     damp: float  # the damping fraction that made the factorization succeed
+    diag: np.ndarray  # undamped diag(H) in original column order (the clip search's column weights)
+    act_order: bool
 
     @property
     def cols(self) -> int:
         return int(self.u.shape[0])
+
+
+def check_weight(name: str, w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise PgolfError(f"{name}: GPTQ needs a 2-D weight, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise PgolfError(f"{name} contains NaN or Inf")
+    return w
 
 
 def check_hessian(name: str, h: np.ndarray, cols: int) -> np.ndarray:
@@ -92,8 +117,8 @@ def prepare_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = True, n
     h64 = np.asarray(h, dtype=np.float64)
     hs = h64 + h64.T  # accumulated sums can be asymmetric in the last bits
     hs *= 0.5
-    diag = np.diagonal(hs)
-    dead = diag == 0
+    dead = np.diagonal(hs) == 0
+    col_diag = np.clip(np.diagonal(hs), 0, None)  # a copy; a negative entry fails the factorization below
     if dead.any():
         hs[dead, :] = 0
         hs[:, dead] = 0
@@ -113,7 +138,7 @@ def prepare_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = True, n
             applied = d
             u, ok = _chol_inverse_upper(ht)
             if ok:
-                return PreparedHessian(u=u, perm=torch.from_numpy(perm), dead=dead.copy(), damp=d)
+                return PreparedHessian(u=u, perm=torch.from_numpy(perm), dead=dead.copy(), damp=d, diag=col_diag, act_order=act_order)
             nxt = d * 10 if d > 0 else 0.01
             if nxt > MAX_DAMP * (1 + 1e-9):
                 raise PgolfError(f"Hessian for {name} is not positive definite even with damp={d:g}")
@@ -147,11 +172,7 @@ def gptq_sweep(
 
     ``h`` is H (cols × cols) or a :class:`PreparedHessian` (``damp``/``act_order`` then unused).
     """
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise PgolfError(f"{name}: GPTQ needs a 2-D weight, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise PgolfError(f"{name} contains NaN or Inf")
+    w = check_weight(name, w)
     if block_size < 1:
         raise PgolfError(f"block_size must be >= 1, got {block_size}")
     rows, cols = w.shape
@@ -200,6 +221,8 @@ def _sweep(w, prep: PreparedHessian, s: torch.Tensor, r: int, block_size: int, r
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].T, err, alpha=-1.0)
 
+    if q.numel() and not bool((q.abs() <= r).all()):  # checked before the int8 cast could wrap
+        raise ValueError(f"round_fn returned codes outside [-{r}, {r}]")
     out = torch.empty_like(q)
     out[perm] = q
     return np.ascontiguousarray(out.round().to(torch.int8).numpy().T)
@@ -215,7 +238,7 @@ def gptq_quantize(
     name: str,
     w: np.ndarray,
     dtype: str,
-    H: np.ndarray,
+    H: np.ndarray | PreparedHessian,
     bits: int,
     clip: str = "sdclip",
     sigmas: float | None = None,
@@ -223,16 +246,20 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
 ) -> QuantizedTensor:
-    """GPTQ-quantize one matrix to per-row int-k (scheme "intk", method "gptq")."""
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise PgolfError(f"{name}: GPTQ needs a 2-D weight, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise PgolfError(f"{name} contains NaN or Inf")
-    H = check_hessian(name, H, w.shape[1])
-    prep = prepare_hessian(H, damp, act_order, name)
-    col_weight = np.clip(np.diagonal(H).astype(np.float64), 0, None)
-    scale, info = choose_scales(w, bits, clip, sigmas, col_weight)
+    """GPTQ-quantize one matrix to per-row int-k (scheme "intk", method "gptq").
+
+    ``H`` may be a :class:`PreparedHessian` to share one factorization between layers that read
+    the same input (c_q, c_k, c_v); ``damp`` and ``act_order`` are then taken from it.
+    """
+    w = check_weight(name, w)
+    if isinstance(H, PreparedHessian):
+        prep = H
+        if prep.cols != w.shape[1]:
+            raise PgolfError(f"Hessian for {name} is {prep.cols}×{prep.cols}, expected {w.shape[1]}×{w.shape[1]}")
+        act_order = prep.act_order
+    else:
+        prep = prepare_hessian(check_hessian(name, H, w.shape[1]), damp, act_order, name)
+    scale, info = choose_scales(w, bits, clip, sigmas, prep.diag)
     q = gptq_sweep(w, prep, scale, bits, block_size=block_size, name=name)
     params = {"method": "gptq", **info, "block_size": int(block_size), "damp": float(prep.damp), "act_order": bool(act_order)}
     return make_intk_tensor(name, w.shape, dtype, q, scale, bits, params)
