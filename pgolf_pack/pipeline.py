@@ -60,13 +60,66 @@ def _method(name: str) -> MethodFn:
 NEEDS_HESSIAN = {"gptq"}
 
 
+@dataclass
+class LqerOptions:
+    """Global LQER selection: the ``top_k`` most damaged quantized tensors get rank-``rank`` factors."""
+
+    top_k: int = 0
+    rank: int = 4
+    bits: int = 4
+    group: int = 64
+    weighted: str | bool = False
+
+
+def _row_ranking(name: str, w: np.ndarray, spec: dict, token_freq: np.ndarray | None) -> np.ndarray:
+    from .quant.mixed_rows import parse_row_bits, row_damage
+
+    tiers = parse_row_bits(spec["row_bits"])
+    low = min(t.bits for t in tiers)
+    if token_freq is not None and token_freq.shape[0] <= w.shape[0]:
+        # Counts cover the ids seen in the shards; ids never seen count zero.
+        freq = np.zeros(w.shape[0])
+        freq[: token_freq.shape[0]] = token_freq
+    else:
+        # Without token counts (or for a non-vocabulary tensor) every row is equally likely to be used.
+        freq = np.ones(w.shape[0])
+    # Frequency × the error the low tier would add: frequent rows with large error get the bits.
+    return row_damage(w, freq + 1.0, low, clip=spec.get("clip", "sdclip"), sigmas=spec.get("sigmas"))
+
+
+def _apply_lqer_specs(qm: QuantizedModel, specs: dict, tensors, hessians, lqer: LqerOptions | None) -> list[dict]:
+    from .quant.lqer import apply_lqer
+
+    rows: list[dict] = []
+    # Per-tensor requests from recipe rules (lqer_rank), batched by identical settings.
+    batches: dict[tuple, list[str]] = {}
+    for name, spec in specs.items():
+        if spec.get("lqer_rank"):
+            key = (int(spec["lqer_rank"]), int(spec.get("lqer_bits", 4)), int(spec.get("lqer_group", 64)),
+                   spec.get("lqer_weighted", False))
+            batches.setdefault(key, []).append(name)
+    for (rank, bits, group, weighted), names in batches.items():
+        rows += apply_lqer(qm, tensors, hessians, len(names), rank, bits, group, weighted, names=names)
+    if lqer is not None and lqer.top_k > 0:
+        done = {r["name"] for r in rows}
+        pool = [t.name for t in qm.tensors if t.scheme != "float" and len(t.shape) == 2 and t.name not in done]
+        rows += apply_lqer(qm, tensors, hessians, lqer.top_k, lqer.rank, lqer.bits, lqer.group, lqer.weighted, names=pool)
+    return rows
+
+
 def quantize_tensors(
     tensors: Mapping[str, torch.Tensor],
     recipe: Recipe,
     hessians: Mapping[str, np.ndarray] | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    lqer: LqerOptions | None = None,
+    token_freq: np.ndarray | None = None,
 ) -> QuantizedModel:
-    """Quantize every tensor as the recipe says. Tensors keep checkpoint order."""
+    """Quantize every tensor as the recipe says. Tensors keep checkpoint order.
+
+    ``lqer`` adds low-rank error correction to the most damaged tensors afterwards (recipe rules
+    with ``lqer_rank`` request it per tensor); ``token_freq`` ranks embedding rows for ``row_bits``.
+    """
     check_finite(tensors)
     specs = plan(tensors, recipe)
     for name, spec in specs.items():
@@ -79,13 +132,25 @@ def quantize_tensors(
         H = hessians.get(name) if hessians is not None else None
         if H is not None and spec["method"] not in ("float", "fp16") and H.shape != (t.shape[1], t.shape[1]):
             raise PgolfError(f"Hessian for {name} has shape {tuple(H.shape)}, expected {(t.shape[1], t.shape[1])}")
-        qt = _method(spec["method"])(name, t, spec, H)
+        if spec.get("row_bits") and spec["method"] in ("rtn", "gptq"):
+            from .quant.mixed_rows import quantize_mixed_rows
+
+            w = to_float32(t)
+            qt = quantize_mixed_rows(name, w, dtype_name(t.dtype), spec["row_bits"], _row_ranking(name, w, spec, token_freq),
+                                     spec.get("clip", "sdclip"), spec.get("sigmas"),
+                                     H if spec["method"] == "gptq" else None)
+        else:
+            qt = _method(spec["method"])(name, t, spec, H)
         if "group" in spec:
             qt.params["group"] = spec["group"]
         out.append(qt)
         if on_tensor:
             on_tensor(name)
-    return QuantizedModel(out, {"pgolf_pack": __version__, "recipe": recipe.to_dict()})
+    qm = QuantizedModel(out, {"pgolf_pack": __version__, "recipe": recipe.to_dict()})
+    lqer_rows = _apply_lqer_specs(qm, specs, tensors, hessians, lqer)
+    if lqer_rows:
+        qm.meta["lqer"] = [r["name"] for r in lqer_rows]
+    return qm
 
 
 @dataclass
@@ -160,10 +225,12 @@ def quantize_file(
     hessians: Mapping[str, np.ndarray] | None = None,
     on_tensor: Callable[[str], None] | None = None,
     on_group: Callable[[str], None] | None = None,
+    lqer: LqerOptions | None = None,
+    token_freq: np.ndarray | None = None,
 ) -> PackReport:
     check_not_input(Path(out), Path(ckpt))
     tensors = load_checkpoint(ckpt)
-    qm = quantize_tensors(tensors, recipe, hessians, on_tensor)
+    qm = quantize_tensors(tensors, recipe, hessians, on_tensor, lqer, token_freq)
     res = pack_model(qm, codec=codec, grouping=grouping, on_group=on_group)
     atomic_write_bytes(out, res.blob)
     return report(res.blob, res.manifest, qm, tensors)

@@ -63,6 +63,13 @@ def _check_spec(where: str, spec: Mapping) -> None:
     m = spec.get("method")
     if m is not None and m not in METHODS:
         raise PgolfError(f"{where}: unknown method {m!r}; choose one of {', '.join(METHODS)}")
+    if spec.get("row_bits") is not None:
+        from .quant.mixed_rows import parse_row_bits
+
+        try:
+            parse_row_bits(spec["row_bits"])
+        except PgolfError as e:
+            raise PgolfError(f"{where}: {e}") from None
     b = spec.get("bits")
     if b is not None and (not isinstance(b, int) or not 2 <= b <= 8):
         raise PgolfError(f"{where}: bits must be an integer in 2..8, got {b!r}")

@@ -120,13 +120,31 @@ def test_hessian_score_and_weighted_error_drop(weighted):
     ws = _weights(rng, [(128, 48), (64, 48)])
     hs = {k: _hessian(rng, 48) for k in ws}
     qm = _quantize(ws)
-    rows = apply_lqer(qm, ws, hs, top_k=2, rank=4, bits=6, weighted=weighted)
+    rows = apply_lqer(qm, ws, hs, top_k=2, rank=4, bits=6, weighted=weighted, score="weighted")
     for r in rows:
         assert r["werr_after"] < r["werr_before"]
         e = ws[r["name"]].astype(np.float64) - dequantize_float32(strip_lqer(qm[r["name"]]))
         assert np.isclose(r["score"], weighted_error(e, hs[r["name"]]))
         if weighted is False:
             assert r["err_after"] < r["err_before"]
+
+
+def test_relative_score_is_scale_free():
+    rng = np.random.default_rng(9)
+    ws = _weights(rng, [(64, 32), (64, 32)])
+    ws["blocks.0.mlp.fc.weight"] *= 10  # int6: small relative error, large absolute one
+    hs = {k: _hessian(rng, 32) for k in ws}
+
+    def quantized():
+        return QuantizedModel([quantize_rtn(n, ws[n], "float32", b, "sdclip")
+                               for n, b in (("blocks.0.mlp.fc.weight", 6), ("blocks.1.mlp.fc.weight", 3))])
+
+    assert apply_lqer(quantized(), ws, hs, top_k=1, rank=1, score="plain")[0]["name"] == "blocks.0.mlp.fc.weight"
+    rows = apply_lqer(quantized(), ws, hs, top_k=2, rank=1, score="relative")
+    assert rows[0]["name"] == "blocks.1.mlp.fc.weight"
+    assert apply_lqer(quantized(), ws, hs, top_k=1, rank=1)[0]["name"] == "blocks.1.mlp.fc.weight"  # auto
+    for r in rows:
+        assert np.isclose(r["score"], r["werr_before"] / weighted_error(ws[r["name"]], hs[r["name"]]))
 
 
 def test_activation_weighted_fit_wins_on_weighted_error():
@@ -174,6 +192,8 @@ def test_correction_stacks_on_another_scheme():
         ({"names": ["nope"]}, "nope"),
         ({"top_k": -1}, "top_k"),
         ({"kind": "blob"}, "kind"),
+        ({"score": "bogus"}, "score"),
+        ({"score": "relative"}, "needs Hessians"),
     ],
 )
 def test_bad_arguments_raise_pgolf_error(kwargs, msg):

@@ -23,7 +23,7 @@ from pgolf_pack.quant.mixed_rows import (
     tier_of_rows,
     token_counts,
 )
-from pgolf_pack.quant.rtn import choose_scales, quantize_rtn, quantize_with_scales
+from pgolf_pack.quant.rtn import choose_scales, quantize_rtn
 
 
 def _repack(qm):

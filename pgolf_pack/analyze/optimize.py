@@ -298,7 +298,11 @@ def _greedy(hulls: dict[str, list[Option]], fixed: float, target: float) -> dict
 
 def _plan_recipe(base: Recipe, names: list[str], chosen: dict[str, int], specs: list[dict],
                  labels: list[str], grouping: str) -> Recipe:
-    """Explicit per-tensor rules; roles whose tensors differ in candidate get one group each."""
+    """One explicit rule per tensor; roles whose tensors differ in candidate get one group each.
+
+    ``[default]`` shows the most common choice when no rule lacks one of its keys (else only what
+    every rule repeats), so no default setting can leak into a rule.
+    """
     group_of = {n: role_of(n) if grouping == "role" else ("all" if grouping == "single" else n) for n in names}
     cands_in: dict[str, set] = {}
     for n in names:
@@ -309,14 +313,20 @@ def _plan_recipe(base: Recipe, names: list[str], chosen: dict[str, int], specs: 
         if len(cands_in[group_of[n]]) > 1 and "group" not in spec:
             spec["group"] = f"{group_of[n]}@{labels[chosen[n]]}"
         rule_specs.append((n, spec))
-    # The default holds only what every rule repeats, so no default key can leak into a rule.
-    common = dict(rule_specs[0][1]) if rule_specs else {}
-    for _, s in rule_specs[1:]:
-        common = {k: v for k, v in common.items() if k in s and s[k] == v}
-    common.pop("group", None)
+    counts = [0] * len(specs)
+    for n in names:
+        counts[chosen[n]] += 1
+    top = {k: v for k, v in specs[int(np.argmax(counts))].items() if k not in ("match", "group")}
+    if all(set(top) <= set(s) for _, s in rule_specs):
+        default = top
+    else:
+        default = dict(rule_specs[0][1])
+        for _, s in rule_specs[1:]:
+            default = {k: v for k, v in default.items() if k in s and s[k] == v}
+        default.pop("group", None)
     rules = [{"match": _exact_glob(n), **s} for n, s in rule_specs]
     return recipe_from_dict({"min_numel": base.min_numel, "passthrough": base.passthrough,
-                             "default": common, "rule": rules}, "optimizer")
+                             "default": default, "rule": rules}, "optimizer")
 
 
 @dataclass
@@ -361,11 +371,14 @@ def measure_candidates(
     say = on_step or (lambda _msg: None)
     check_finite(tensors)
     base = base or Recipe()
-    specs = [dict(c) for c in (candidates if candidates is not None else default_candidates())]
+    specs = []
+    for i, c in enumerate(candidates if candidates is not None else default_candidates()):
+        # The settings a recipe default would really give (built-in defaults filled in), so that
+        # what was measured is exactly what the plan's recipe reproduces.
+        eff = recipe_from_dict({"default": {k: v for k, v in c.items() if k != "match"}}, f"candidate {i + 1}").default
+        specs.append({**eff, **({"match": c["match"]} if "match" in c else {})})
     if not specs:
         raise PgolfError("no candidate schemes given")
-    for i, s in enumerate(specs):
-        recipe_from_dict({"default": {k: v for k, v in s.items() if k != "match"}}, f"candidate {i + 1}")
     labels = [candidate_label(s) for s in specs]
     labels = [f"{lab}#{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
     names = [n for n, t in tensors.items() if is_quantizable(t, base.min_numel)]

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .. import CAP_BYTES
 from ..checkpoint import DEFAULT_MIN_NUMEL, load_checkpoint
+from ..errors import PgolfError
 from ..pack.container import read_container
 from ..pack.packer import CODEC_CHOICES
 from ..pipeline import PackReport, quantize_file
@@ -18,12 +19,13 @@ from ..verify import read_artifact, unpack_file, verify_roundtrip
 from .app import JsonOpt, app, console, fmt_int, handle_errors, print_json, progress
 
 
-def load_hessian_file(path: Optional[Path]):
+def load_hessian_file(path: Optional[Path], with_counts: bool = False):
     if path is None:
-        return None
+        return (None, None) if with_counts else None
     from ..calib.hessian import load_hessians
 
-    return load_hessians(path)[0]
+    H, counts = load_hessians(path)
+    return (H, counts) if with_counts else H
 
 
 def render_pack_report(rep: PackReport, title: str) -> None:
@@ -61,19 +63,75 @@ def quantize(
     hessians: Optional[Path] = typer.Option(None, help="Hessian file from `calibrate` or the capture hooks"),
     min_numel: int = typer.Option(DEFAULT_MIN_NUMEL, help="2-D tensors smaller than this stay in float"),
     fp16_passthrough: bool = typer.Option(False, help="store non-quantized float tensors as float16"),
+    lqer_top_k: int = typer.Option(0, min=0, help="add LQER low-rank correction to the K most damaged tensors"),
+    lqer_rank: int = typer.Option(4, min=1, help="LQER rank"),
+    lqer_bits: int = typer.Option(4, min=2, max=8, help="LQER factor bits"),
+    lqer_group: int = typer.Option(64, min=1, help="LQER factor quantization group size"),
+    lqer_weighted: str = typer.Option("none", help="none | diag | chol: fit LQER in the Hessian norm (needs --hessians)"),
+    row_bits: Optional[str] = typer.Option(None, help="per-row bit tiers for embeddings, e.g. '10%:8,rest:6'"),
+    tokens: Optional[str] = typer.Option(None, help="TRAIN token shards: rank embedding rows by token frequency"),
+    budget: Optional[int] = typer.Option(None, help="choose bits per tensor to fit this many bytes (least predicted loss)"),
+    save_recipe_to: Optional[Path] = typer.Option(None, "--save-recipe", help="with --budget: where to write the chosen recipe"),
     json_out: bool = JsonOpt,
 ) -> None:
     """Quantize a checkpoint and pack it into one artifact; prints the per-tensor size table."""
+    from ..pipeline import LqerOptions
+
     rec = load_recipe(recipe) if recipe else simple_recipe(
         method, bits, embed_bits, clip, sigmas, embed_sigmas, min_numel, "fp16" if fp16_passthrough else "float")
-    H = load_hessian_file(hessians)
+    if row_bits:
+        from ..recipe import EMBED_GLOB, recipe_from_dict
+
+        rec = recipe_from_dict({**rec.to_dict(), "rule": [*rec.to_dict()["rule"], {"match": EMBED_GLOB, "row_bits": row_bits}]},
+                               "options")
+    if lqer_weighted not in ("none", "diag", "chol"):
+        raise PgolfError(f"--lqer-weighted must be none, diag or chol, got {lqer_weighted!r}")
+    lqer = LqerOptions(lqer_top_k, lqer_rank, lqer_bits, lqer_group, False if lqer_weighted == "none" else lqer_weighted)
+    H, counts = load_hessian_file(hessians, with_counts=True)
+    freq = None
+    if tokens:
+        from ..calib.shards import load_tokens
+        from ..quant.mixed_rows import token_counts
+
+        toks = load_tokens(tokens)
+        freq = token_counts(toks, int(toks.max()) + 1)
+    if budget is not None:
+        _quantize_to_budget(checkpoint, output, rec, budget, method, codec, group_by, H, counts, save_recipe_to, json_out)
+        return
     n = len(load_checkpoint(checkpoint))
     with progress(not json_out, n, "quantize") as step:
-        rep = quantize_file(checkpoint, output, rec, codec=codec, grouping=group_by, hessians=H, on_tensor=step)
+        rep = quantize_file(checkpoint, output, rec, codec=codec, grouping=group_by, hessians=H, on_tensor=step,
+                            lqer=lqer, token_freq=freq)
     if json_out:
         print_json({"artifact": str(output), **rep.to_dict()})
     else:
         render_pack_report(rep, f"{output}")
+
+
+def _quantize_to_budget(checkpoint, output, rec, budget, method, codec, group_by, H, counts, save_to, json_out) -> None:
+    from ..analyze.optimize import default_candidates, optimize_plan, save_recipe
+    from ..fileio import atomic_write_bytes, check_not_input
+    from ..pack.packer import unpack_model
+    from ..pipeline import report
+
+    check_not_input(output, checkpoint)
+    tensors = load_checkpoint(checkpoint)
+    with progress(not json_out, 1, "optimize") as step:
+        plan_recipe, det = optimize_plan(tensors, budget, H, default_candidates(method=method), codec, hessian_counts=counts,
+                                         base=rec, grouping=group_by)
+        step("done")
+    atomic_write_bytes(output, det.blob)
+    rpath = save_to or output.with_name(output.name + ".recipe.toml")
+    check_not_input(rpath, checkpoint)
+    save_recipe(plan_recipe, rpath, comment=f"pgolf-pack quantize --budget {budget}: {det.actual_bytes} bytes")
+    qm, manifest = unpack_model(det.blob)
+    rep = report(det.blob, manifest, qm, tensors)
+    if json_out:
+        print_json({"artifact": str(output), "recipe": str(rpath), "optimizer": det.to_dict(), **rep.to_dict()})
+        return
+    render_pack_report(rep, f"{output} (budget {fmt_int(budget)})")
+    console.print(f"optimizer: {fmt_int(det.actual_bytes)} bytes packed for a budget of {fmt_int(budget)} "
+                  f"(margin {fmt_int(det.margin)}); plan saved to {rpath} — edit it and re-run with --recipe")
 
 
 @app.command()

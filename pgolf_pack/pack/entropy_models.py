@@ -89,14 +89,19 @@ def family_tables(family: str, sigma: np.ndarray, mu: np.ndarray, clo: int, chi:
     return mass
 
 
+def _exact_row_sums(w: np.ndarray) -> np.ndarray:
+    # numpy's pairwise/SIMD summation order differs between builds; fsum is exactly rounded,
+    # so the normalized probabilities (and the decoder's fixed-point tables) match everywhere.
+    return np.array([[math.fsum(row)] for row in w.tolist()], dtype=np.float64).reshape(-1, 1)
+
+
 def effective_probs(weights: np.ndarray) -> np.ndarray:
     """The coder's view of a (K, n) weight table: normalized, every symbol at least 2**-24."""
     w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    tot = w.sum(axis=1, keepdims=True)
+    tot = _exact_row_sums(w)
     p = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / w.shape[1])
-    floor = 2.0**-ANS_PRECISION
-    p = np.maximum(p, floor)
-    return p / p.sum(axis=1, keepdims=True)
+    p = np.maximum(p, 2.0**-ANS_PRECISION)
+    return p / _exact_row_sums(p)
 
 
 def cost_bits(weights: np.ndarray) -> np.ndarray:
@@ -552,7 +557,7 @@ def fit_row_prediction(x: np.ndarray, block: int = 256) -> RowPred:
                     with np.errstate(divide="ignore", invalid="ignore"):
                         k = np.clip(np.rint(PRED_DEN * cpx / np.where(cpp > 0, cpp, 1)), -PRED_KMAX, PRED_KMAX)
                     c = k / PRED_DEN
-                    e = nrm[r] - 2 * c * cpx + c * c * cpp + cols / 12.0 * (k != 0)
+                    e = np.maximum(nrm[r] - 2 * c * cpx + c * c * cpp, 0.0) + cols / 12.0 * (k != 0)
                     gain = 0.5 * cols * np.log2(e0 / np.maximum(e + floor, 1e-9)) - side - 4.0
                     gain = np.where(k != 0, gain, -np.inf)
                     i = int(np.argmax(gain))
@@ -579,3 +584,82 @@ def fit_row_prediction(x: np.ndarray, block: int = 256) -> RowPred:
                 active.append(g)
     return RowPred(mode, np.array(gidx, np.int64), np.array(roff, np.int64), np.array(coef, np.int64))
 
+
+
+def single_ref_share(x: np.ndarray, block: int = 512) -> float:
+    """Share of rows that one earlier row would predict profitably (cheap pre-check for ``ref``).
+
+    Same estimate as :func:`fit_row_prediction` for its single-row candidates, from one Gram
+    matrix, ignoring group means and coefficient quantization.
+    """
+    rows, cols = x.shape
+    if rows < 2 or cols == 0:
+        return 0.0
+    xf = x.astype(np.float32)
+    nrm = (x.astype(np.float64) ** 2).sum(axis=1)
+    floor = 0.1 * cols
+    hits = 0
+    for b0 in range(0, rows, block):
+        b1 = min(rows, b0 + block)
+        gram = (xf[:b1] @ xf[b0:b1].T).astype(np.float64)
+        mask = np.arange(b1)[:, None] < np.arange(b0, b1)[None, :]  # earlier rows only
+        rho2 = np.where(mask, gram**2 / np.maximum(np.outer(nrm[:b1], nrm[b0:b1]), 1e-9), 0.0)
+        best = np.clip(rho2.max(axis=0), 0.0, 1.0)  # float32 Gram entries can overshoot slightly
+        e = nrm[b0:b1] * (1 - best) + cols / 12.0  # the rounded prediction adds 1/12 per symbol
+        gain = 0.5 * cols * np.log2((nrm[b0:b1] + floor) / (e + floor)) - np.log2(np.arange(b0, b1) + 1) - 5.5
+        hits += int((gain > 0).sum())
+    return hits / rows
+
+
+def fit_rc_offsets(
+    ys: list[np.ndarray],
+    u: list[np.ndarray],
+    v: list[np.ndarray],
+    m: list[np.ndarray],
+    cache: TableCache,
+    s_range: tuple[int, int],
+    rounds: int = 2,
+    window: int = 2,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Alternating ML fit of row offsets u and column scales v, key (u_r + v_c, m_c).
+
+    Costs are gathered per symbol from one dense table over the key range, so the work is
+    O(symbols x window) per pass whatever the number of distinct keys.
+    """
+    s_min, s_max = s_range
+    u = [np.asarray(a, np.int64).copy() for a in u]
+    v = [np.asarray(a, np.int64).copy() for a in v]
+    m = [np.asarray(a, np.int64) for a in m]
+    if not ys:
+        return u, v
+    m_lo = min(int(a.min()) for a in m)
+    m_n = max(int(a.max()) for a in m) - m_lo + 1
+    for _ in range(rounds):
+        for axis in (0, 1):  # rows, then columns
+            s_lo = max(s_min, min(int(a.min()) for a in u) + min(int(b.min()) for b in v) - window)
+            s_hi = min(s_max, max(int(a.max()) for a in u) + max(int(b.max()) for b in v) + window)
+            if s_hi < s_lo:
+                s_hi = s_lo
+            grid = np.stack(np.meshgrid(np.arange(s_lo, s_hi + 1), np.arange(m_lo, m_lo + m_n), indexing="ij"), -1)
+            table = cache.costs(grid.reshape(-1, 2))  # ((S * M), n)
+            n = table.shape[1]
+            flat = table.ravel()
+            for t, y in enumerate(ys):
+                line = u[t] if axis == 0 else v[t]
+                best_c = np.full(len(line), np.inf)
+                best_s = line.copy()
+                mrow = (m[t] - m_lo)[None, :]
+                for d in range(-window, window + 1):
+                    cand = line + d
+                    s = (cand[:, None] + v[t][None, :]) if axis == 0 else (u[t][:, None] + cand[None, :])
+                    ok = (s >= s_lo) & (s <= s_hi)
+                    idx = ((np.clip(s, s_lo, s_hi) - s_lo) * m_n + mrow) * n + y
+                    c = np.where(ok, flat[idx], 1e9).sum(axis=1 - axis)
+                    better = c < best_c
+                    best_c = np.where(better, c, best_c)
+                    best_s = np.where(better, cand, best_s)
+                if axis == 0:
+                    u[t] = best_s
+                else:
+                    v[t] = best_s
+    return u, v

@@ -66,7 +66,8 @@ def build_groups(qm: QuantizedModel, grouping: str = "role") -> list[Group]:
         raise PgolfError(f"unknown grouping {grouping!r}; choose role, tensor or single")
     groups: dict[str, Group] = {}
     for t in qm.tensors:
-        for sname, s in t.streams.items():
+        # Sorted: the manifest stores streams by name, so a decoded model re-packs identically.
+        for sname, s in sorted(t.streams.items()):
             if s.kind == "symbols":
                 base = t.params.get("group") or {"role": role_of(t.name), "tensor": t.name, "single": "all"}[grouping]
                 key = f"{base}:{sname}:{s.data.dtype.str}"
@@ -209,6 +210,13 @@ class PackResult:
     manifest: dict
 
 
+def _entropy_params() -> dict:
+    # Decoding depends on constriction's float→fixed-point conversion; record which one encoded.
+    from importlib.metadata import version
+
+    return {"coder": "constriction-ans", "constriction": version("constriction")}
+
+
 def _check_codec(codec: str) -> None:
     if codec not in CODEC_CHOICES:
         raise PgolfError(f"unknown codec {codec!r}; choose one of {', '.join(CODEC_CHOICES)}")
@@ -244,7 +252,7 @@ def pack_model(
         gentries.append(
             {"name": g.name, "kind": g.kind, "lo": g.lo, "hi": g.hi, "raw_bytes": g.raw_bytes,
              "raw_crc32": _raw_crc(g.arrays), **desc,
-             "codec_params": codecs.codec_params(desc["codec"]) if desc["codec"] != "entropy" else {}}
+             "codec_params": codecs.codec_params(desc["codec"]) if desc["codec"] != "entropy" else _entropy_params()}
         )
     tentries = []
     for t in qm.tensors:

@@ -189,8 +189,11 @@ def gptq_sweep(
     return q
 
 
-def _sweep(w, prep: PreparedHessian, s: torch.Tensor, r: int, block_size: int, round_fn: RoundFn, sweep_dtype) -> np.ndarray:
+def _sweep(w, prep: PreparedHessian, s: torch.Tensor, r: int, block_size: int, round_fn: RoundFn, sweep_dtype,
+           out_dtype: torch.dtype = torch.int8, col_mult: np.ndarray | None = None) -> np.ndarray:
     rows, cols = w.shape
+    # Optional per-column step multipliers (original column order): column j uses step s * col_mult[j].
+    mult = None if col_mult is None else np.asarray(col_mult, dtype=np.float64)[prep.perm.numpy()].tolist()
     # Columns are swept as contiguous rows of the transposed weight.
     perm = prep.perm
     wt = torch.from_numpy(np.array(w.T, order="C"))[perm].to(sweep_dtype).contiguous()
@@ -211,10 +214,11 @@ def _sweep(w, prep: PreparedHessian, s: torch.Tensor, r: int, block_size: int, r
             j = i1 + k
             x = blk[k]
             d = udiag[j]
-            qc = round_fn(x, s, qmax=r, col=perm_list[j], err_weight=1.0 / (d * d))
+            sj = s if mult is None else s * mult[j]
+            qc = round_fn(x, sj, qmax=r, col=perm_list[j], err_weight=1.0 / (d * d))
             q[j] = qc
             e = err[k]
-            torch.sub(x, qc * s, out=e)
+            torch.sub(x, qc * sj, out=e)
             e.div_(d)
             if k + 1 < i2 - i1:
                 blk[k + 1 :].addr_(u_blk[k, k + 1 :], e, alpha=-1.0)
@@ -225,7 +229,41 @@ def _sweep(w, prep: PreparedHessian, s: torch.Tensor, r: int, block_size: int, r
         raise ValueError(f"round_fn returned codes outside [-{r}, {r}]")
     out = torch.empty_like(q)
     out[perm] = q
-    return np.ascontiguousarray(out.round().to(torch.int8).numpy().T)
+    return np.ascontiguousarray(out.round().to(out_dtype).numpy().T)
+
+
+def gptq_sweep_range(
+    w: np.ndarray,
+    h: np.ndarray | PreparedHessian,
+    scales: np.ndarray,
+    code_max: int,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    round_fn: RoundFn = round_nearest,
+    name: str = "weight",
+    sweep_dtype: torch.dtype = torch.float32,
+    col_mult: np.ndarray | None = None,
+) -> np.ndarray:
+    """Like :func:`gptq_sweep` but with codes in ``[-code_max, code_max]`` (int32, no int-k grid)
+    and optional per-column step multipliers: entry (i, j) of the result stands for
+    ``code * scales[i] * col_mult[j]``."""
+    w = check_weight(name, w)
+    if block_size < 1:
+        raise PgolfError(f"block_size must be >= 1, got {block_size}")
+    if not 1 <= int(code_max) < 2**31:
+        raise PgolfError(f"code_max must be in 1..2^31-1, got {code_max}")
+    rows, cols = w.shape
+    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(check_hessian(name, h, cols), damp, act_order, name)
+    if prep.cols != cols:
+        raise PgolfError(f"Hessian for {name} is {prep.cols}×{prep.cols}, expected {cols}×{cols}")
+    s = torch.from_numpy(np.asarray(scales, dtype=np.float32).reshape(-1).copy()).to(sweep_dtype)
+    if s.shape[0] != rows:
+        raise PgolfError(f"{name}: {s.shape[0]} scales for {rows} rows")
+    if col_mult is not None and np.asarray(col_mult).shape != (cols,):
+        raise PgolfError(f"{name}: {np.asarray(col_mult).shape} column multipliers for {cols} columns")
+    with _one_thread():
+        return _sweep(w, prep, s, int(code_max), block_size, round_fn, sweep_dtype, torch.int32, col_mult)
 
 
 def hessian_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:

@@ -19,6 +19,11 @@ activation-aware variant, which minimises trace(E H Eᵀ) instead of ‖E‖²).
 then B is refit by least squares against Â before being quantized, so B absorbs A's rounding.
 That refit is the optimum for both the plain and the Hessian-weighted objective (the normal
 equations Âᵀ(E − Â·B)·H = 0 do not depend on H once H is invertible).
+
+Measured on the bench checkpoint (RTN int6 at 12.85σ, 12 val sequences): the plain fit barely
+moves BPB, the Hessian-weighted fit ("chol"; "diag" is close) on the tied embedding recovers most
+of the quantization gap for ~3 KB, because one final-norm channel carries ~80% of that H and
+the plain SVD does not aim at it. An INT2 A (the record's split) was worse than INT4 A there.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .rtn import FP16_MAX, SCALE_FLOOR
 PARAMS_KEY = "lqer"
 STREAMS = ("lqer.A", "lqer.sA", "lqer.B", "lqer.sB")
 WEIGHTINGS = ("none", "diag", "chol")
+SCORES = ("auto", "plain", "weighted", "relative")
 FACTOR_KINDS = ("symbols", "side")
 # Fraction of max|x| tried as the top level of a group; the search keeps the best per group.
 _CLIP_GRID = np.linspace(0.30, 1.0, 22)
@@ -103,20 +109,24 @@ def dequantize_factor(codes: np.ndarray, scales: np.ndarray, group: int) -> np.n
 
 
 def lqer_term(qt: QuantizedTensor) -> np.ndarray:
-    """Â·B̂ of a tensor carrying LQER factors, float32 (rows × cols)."""
+    """Â·B̂ of a tensor carrying LQER factors, float64 (rows × cols).
+
+    Float64 keeps the product independent of the BLAS kernel's summation order once rounded to
+    float32, so every machine decodes the same weights.
+    """
     p = qt.params[PARAMS_KEY]
     try:
         a = dequantize_factor(qt.streams["lqer.A"].data, qt.streams["lqer.sA"].data, p["group"])
         b = dequantize_factor(qt.streams["lqer.B"].data, qt.streams["lqer.sB"].data, p["group"])
     except KeyError as e:
         raise ArtifactError(f"tensor {qt.name} has LQER parameters but no stream/field {e}") from None
-    return a.T @ b
+    return a.T.astype(np.float64) @ b.astype(np.float64)
 
 
 @register_correction(PARAMS_KEY)
 def _apply_correction(qt: QuantizedTensor, w: np.ndarray) -> np.ndarray:
     rows = qt.shape[0]
-    return np.asarray(w, dtype=np.float32).reshape(rows, -1) + lqer_term(qt)
+    return (np.asarray(w, dtype=np.float64).reshape(rows, -1) + lqer_term(qt)).astype(np.float32)
 
 
 def strip_lqer(qt: QuantizedTensor) -> QuantizedTensor:
@@ -240,20 +250,31 @@ def apply_lqer(
     bits_a: int | None = None,
     kind: str = "symbols",
     names: Iterable[str] | None = None,
+    score: str = "auto",
 ) -> list[dict]:
     """Add LQER factors to the ``top_k`` most damaged tensors of ``qm`` (in place).
 
-    Damage is trace(E H Eᵀ) when ``hessians`` are given (every candidate then needs one), else
-    ‖E‖². Candidates are all quantized 2-D tensors, or ``names``. ``weighted`` (True = "chol",
-    or "diag") fits the factors in the Hessian norm. Returns one row per chosen tensor, most
-    damaged first: name, score, err_before/err_after (‖·‖²), werr_before/werr_after (trace form,
-    None without Hessians) and factor_bytes (raw bytes of the four factor streams).
+    Damage (``score``): "plain" ‖E‖²; "weighted" trace(E H Eᵀ); "relative" trace(E H Eᵀ) /
+    trace(W H Wᵀ), comparable across layers whose inputs differ in scale; "auto" = relative
+    with ``hessians``, else plain. (On the bench checkpoint the absolute weighted score ranks
+    the mlp.proj layers first, whose post-ReLU² inputs are large, and LQER there did not move
+    BPB; the relative score keeps the tied embedding in the top 3, where it did.) Hessian scores need one for every candidate. Candidates are
+    all quantized 2-D tensors, or ``names``. ``weighted`` (True = "chol", or "diag") fits the
+    factors in the Hessian norm. Returns one row per chosen tensor, most damaged first: name,
+    score, err_before/err_after (‖·‖²), werr_before/werr_after (trace form, None without
+    Hessians) and factor_bytes (raw bytes of the four factor streams).
     """
     if top_k < 0:
         raise PgolfError(f"LQER top_k must be >= 0, got {top_k}")
     mode = _weighting_mode(weighted)
     if mode != "none" and hessians is None:
         raise PgolfError("activation-weighted LQER needs Hessians (--hessians)")
+    if score not in SCORES:
+        raise PgolfError(f"LQER score must be one of {', '.join(SCORES)}, got {score!r}")
+    if score == "auto":
+        score = "plain" if hessians is None else "relative"
+    if score != "plain" and hessians is None:
+        raise PgolfError(f"the LQER {score} score needs Hessians (--hessians)")
     code_range(bits)
     code_range(bits if bits_a is None else bits_a)
     pool = _candidates(qm, originals, names)
@@ -272,17 +293,22 @@ def apply_lqer(
         h = None if hessians is None else np.asarray(hessians[t.name], dtype=np.float64)
         if h is not None and h.shape != (e.shape[1], e.shape[1]):
             raise PgolfError(f"Hessian for {t.name} has shape {h.shape}, expected {(e.shape[1], e.shape[1])}")
-        score = weighted_error(e, h) if h is not None else float((e * e).sum())
-        scored.append((score, t, e, h))
+        if score == "plain":
+            damage = float((e * e).sum())
+        else:
+            damage = weighted_error(e, h)
+            if score == "relative":
+                damage /= max(weighted_error(w, h), 1e-300)
+        scored.append((damage, t, e, h))
     # Stable order: ties keep model order.
     scored.sort(key=lambda x: -x[0])
     rows = []
-    for score, t, e, h in scored[:top_k]:
+    for damage, t, e, h in scored[:top_k]:
         f = fit_lqer(e, rank, bits, group, bits_a, mode, h)
         attach_lqer(t, f, bits, group, bits_a, mode, kind)
-        d = e - lqer_term(t).astype(np.float64)
+        d = e - lqer_term(t)
         rows.append({
-            "name": t.name, "score": score, "rank": int(f["A"].shape[0]),
+            "name": t.name, "score": damage, "rank": int(f["A"].shape[0]),
             "err_before": float((e * e).sum()), "err_after": float((d * d).sum()),
             "werr_before": weighted_error(e, h) if h is not None else None,
             "werr_after": weighted_error(d, h) if h is not None else None,

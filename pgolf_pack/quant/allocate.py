@@ -1,0 +1,381 @@
+"""Equal-slope step allocation across a model, and budgets met on real coded bytes.
+
+One global λ (loss per bit) sets every matrix's step so the marginal loss per byte is the same
+everywhere. The loss of matrix t is modelled as ``sens_t · trace(ΔW H ΔWᵀ)`` with H the
+count-normalised Hessian (GPTQ's objective) and ``sens_t`` a per-tensor sensitivity (1 by
+default, or measured: :func:`measure_sensitivity`). At high rate a step s on an entry whose
+squared error carries weight ω costs D ≈ ω s²/12 and R ≈ h - log2 s bits, so dD/dR = -(ln2/6)·ω s².
+Equal slope λ across all entries of all matrices therefore asks for
+
+    Δ_t² · K_t · sens_t = 6 λ / ln 2,     K_t = mean_i(base_i²) · mean_j(ω_j g_j²)
+
+where ``base`` and ``g`` are the row spreads and column multipliers of :mod:`.ecsq` and ω_j is
+GPTQ's column weight. Inside a matrix the same rule sets the column multipliers (``col_beta=1``)
+and RDOQ prices bits with the same λ, so one number steers every choice.
+
+``fit_budget`` finds λ by bisection on the bytes of the real artifact (``pack_model``), keeps
+the best point at or under the budget and never returns one above it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..checkpoint import DEFAULT_MIN_NUMEL, check_finite, dtype_name, is_quantizable, to_float32
+from ..errors import PgolfError
+from ..pack.packer import PackResult, build_groups, pack_model
+from ..quant.passthrough import store_float
+from .base import QuantizedModel, QuantizedTensor
+from .ecsq import (
+    ROW_MODES,
+    column_weights,
+    col_exponents,
+    col_multipliers,
+    ecsq_codes,
+    make_ecsq_tensor,
+    make_grid,
+    row_base,
+)
+from .gptq import PreparedHessian, check_hessian, prepare_hessian
+from .rdoq import RATE_MODELS, rdoq_codes
+
+METHODS = ("ecsq", "rdoq", "trellis")
+SLOPE = 6.0 / math.log(2.0)
+
+
+@dataclass(frozen=True)
+class RDConfig:
+    """How every quantizable matrix is coded; the step itself comes from λ."""
+
+    method: str = "rdoq"
+    row_mode: str = "flat"
+    col_beta: float = 1.0
+    rdoq_gain: float = 1.0  # RDOQ's λ relative to the allocation λ
+    iters: int = 1
+    rate_model: str = "col"
+    trellis_states: int = 4
+    trellis_coding: str = "plain"
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    min_numel: int = DEFAULT_MIN_NUMEL
+    passthrough: str = "float"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PgolfError(f"unknown rate-distortion method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.row_mode not in ROW_MODES:
+            raise PgolfError(f"unknown row mode {self.row_mode!r}; choose one of {', '.join(ROW_MODES)}")
+        if self.rate_model not in RATE_MODELS:
+            raise PgolfError(f"unknown rate model {self.rate_model!r}; choose one of {', '.join(RATE_MODELS)}")
+        if self.passthrough not in ("float", "fp16"):
+            raise PgolfError("passthrough must be 'float' or 'fp16'")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TensorInfo:
+    """What the allocation needs of one quantizable matrix, computed once per model."""
+
+    name: str
+    w: np.ndarray  # float32
+    dtype: str
+    prep: PreparedHessian | None
+    h: np.ndarray | None  # count-normalised Hessian (for the proxy error)
+    sens: float
+    k: float  # K_t of the slope rule (see the module docstring)
+
+    @property
+    def numel(self) -> int:
+        return int(self.w.size)
+
+
+@dataclass
+class ModelPrep:
+    tensors: list[TensorInfo]
+    passthrough: dict[str, QuantizedTensor]  # float tensors, already stored
+    order: list[str]  # checkpoint order
+    cfg: RDConfig
+
+    def info(self, name: str) -> TensorInfo:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+def _sens_of(name: str, sensitivity: Mapping[str, float] | None) -> float:
+    if not sensitivity:
+        return 1.0
+    if name in sensitivity:
+        return float(sensitivity[name])
+    for pat, v in sensitivity.items():
+        if fnmatch.fnmatchcase(name, pat):
+            return float(v)
+    return 1.0
+
+
+def slope_constant(w: np.ndarray, prep: PreparedHessian | None, row_mode: str, col_beta: float) -> float:
+    base = row_base(w, row_mode)
+    k_rows = float(np.mean(base * base))
+    if prep is None:
+        return k_rows
+    ew = column_weights(prep)
+    g = col_multipliers(col_exponents(ew, col_beta)).astype(np.float64) if col_beta else np.ones_like(ew)
+    return k_rows * float(np.mean(ew * g * g))
+
+
+def prepare_model(
+    tensors: Mapping[str, torch.Tensor],
+    hessians: Mapping[str, np.ndarray] | None,
+    cfg: RDConfig,
+    counts: Mapping[str, int] | None = None,
+    sensitivity: Mapping[str, float] | None = None,
+) -> ModelPrep:
+    """Factorise each Hessian once and store the float tensors. Without Hessians the matrices are
+    rounded without GPTQ feedback and without column multipliers (``col_beta`` is ignored)."""
+    check_finite(tensors)
+    infos, passthrough = [], {}
+    for name, t in tensors.items():
+        if not is_quantizable(t, cfg.min_numel):
+            passthrough[name] = store_float(name, t, as_fp16=cfg.passthrough == "fp16")
+            continue
+        w = to_float32(t)
+        h = prep = None
+        if hessians is not None:
+            if name not in hessians:
+                raise PgolfError(f"the Hessian file has no entry for {name}")
+            n = max(int((counts or {}).get(name, 1)), 1)
+            h = check_hessian(name, hessians[name], w.shape[1]).astype(np.float64) / n
+            prep = prepare_hessian(h, cfg.damp, cfg.act_order, name)
+        k = slope_constant(w, prep, cfg.row_mode, cfg.col_beta if prep is not None else 0.0)
+        infos.append(TensorInfo(name, w, dtype_name(t.dtype), prep, h, _sens_of(name, sensitivity), k))
+    return ModelPrep(infos, passthrough, list(tensors), cfg)
+
+
+def step_for(info: TensorInfo, lam: float) -> float:
+    """The step multiple Δ_t that puts matrix t at slope λ (high-rate rule)."""
+    if not (lam > 0 and np.isfinite(lam)):
+        raise PgolfError(f"lambda must be a positive number, got {lam}")
+    return math.sqrt(SLOPE * lam / max(info.k * info.sens, 1e-300))
+
+
+def allocate_steps(mp: ModelPrep, lam: float) -> dict[str, float]:
+    return {t.name: step_for(t, lam) for t in mp.tensors}
+
+
+def quantize_matrix(info: TensorInfo, delta: float, lam: float, cfg: RDConfig) -> QuantizedTensor:
+    """One matrix with the configured method at step multiple ``delta`` and slope ``lam``."""
+    prep = info.prep
+    beta = cfg.col_beta if prep is not None else 0.0
+    lam_t = cfg.rdoq_gain * lam / info.sens
+    if cfg.method == "trellis":
+        from .trellis import quantize_trellis
+
+        return quantize_trellis(info.name, info.w, info.dtype, delta, lam_t, prep, cfg.row_mode, beta,
+                                states=cfg.trellis_states, iters=cfg.iters, coding=cfg.trellis_coding,
+                                block_size=cfg.block_size)
+    grid = make_grid(info.w, delta, prep, cfg.row_mode, beta)
+    params: dict = {"gptq": prep is not None, "lambda": float(lam)}
+    if cfg.method == "rdoq":
+        q, _ = rdoq_codes(info.w, grid, prep, lam_t, cfg.iters, cfg.rate_model, cfg.block_size, name=info.name)
+        params["rdoq"] = {"lambda": float(lam_t), "iters": int(cfg.iters), "model": cfg.rate_model}
+    else:
+        q = ecsq_codes(info.w, grid, prep, block_size=cfg.block_size, name=info.name)
+    return make_ecsq_tensor(info.name, info.w.shape, info.dtype, q, grid, params)
+
+
+def quantize_model_rd(mp: ModelPrep, lam: float, steps: Mapping[str, float] | None = None,
+                      on_tensor: Callable[[str], None] | None = None) -> QuantizedModel:
+    """Quantize every matrix at slope ``lam`` (steps from :func:`allocate_steps` unless given)."""
+    steps = dict(steps) if steps is not None else allocate_steps(mp, lam)
+    done: dict[str, QuantizedTensor] = dict(mp.passthrough)
+    for info in mp.tensors:
+        done[info.name] = quantize_matrix(info, steps[info.name], lam, mp.cfg)
+        if on_tensor:
+            on_tensor(info.name)
+    meta = {"pgolf_pack": __version__, "rd": {"lambda": float(lam), **mp.cfg.to_dict()}}
+    return QuantizedModel([done[n] for n in mp.order], meta)
+
+
+def proxy_error(mp: ModelPrep, qm: QuantizedModel) -> dict[str, float]:
+    """Per-matrix loss proxy ``sens · trace(ΔW H ΔWᵀ)`` (count-normalised H)."""
+    from .base import dequantize_float32
+    from .gptq import hessian_error
+
+    out = {}
+    for info in mp.tensors:
+        if info.h is None:
+            continue
+        out[info.name] = info.sens * hessian_error(info.w, dequantize_float32(qm[info.name]), info.h)
+    return out
+
+
+# --- the rate model ------------------------------------------------------------------------------
+
+
+def predict_bytes(qm: QuantizedModel, grouping: str = "role") -> int:
+    """Predicted artifact bytes when packed with ``codec="entropy"``: every symbol group's
+    entropy-coder estimate (exact side information, ideal ANS rate, rounded up to whole 32-bit
+    words as the coder writes them), the side groups coded as the packer would, and the
+    container with its manifest."""
+    from ..pack.entropy import estimate_bits
+    from ..pack.packer import _as_2d, encode_group
+
+    groups = build_groups(qm, grouping)
+    lengths, descs = [], []
+    for g in groups:
+        if g.kind == "symbols":
+            lengths.append(int(math.ceil(estimate_bits([_as_2d(a) for a in g.arrays], g.lo, g.hi) / 8.0)))
+            descs.append({"codec": "entropy"})
+        else:
+            payload, desc = encode_group(g, "entropy")
+            lengths.append(len(payload))
+            descs.append(desc)
+    return len(_container_like(qm, groups, grouping, lengths, descs))
+
+
+def _container_like(qm: QuantizedModel, groups, grouping: str, lengths: list[int], descs: list[dict]) -> bytes:
+    """A container with the manifest ``pack_model`` would write and zero payloads of the given
+    lengths: its size differs from the real one only by how well brotli compresses the CRCs."""
+    from ..pack import codecs
+    from ..pack.container import write_container
+    from ..pack.packer import _raw_crc
+
+    where = {m: (gi, mi) for gi, g in enumerate(groups) for mi, m in enumerate(g.members)}
+    gentries = [{"name": g.name, "kind": g.kind, "lo": g.lo, "hi": g.hi, "raw_bytes": g.raw_bytes,
+                 "raw_crc32": _raw_crc(g.arrays), **d,
+                 "codec_params": codecs.codec_params(d["codec"]) if d["codec"] != "entropy" else {}}
+                for g, d in zip(groups, descs)]
+    tentries = []
+    for t in qm.tensors:
+        streams = {s: {"group": where[(t.name, s)][0], "index": where[(t.name, s)][1], "shape": list(st.data.shape),
+                       "dtype": st.data.dtype.str, "kind": st.kind, "lo": st.lo, "hi": st.hi} for s, st in t.streams.items()}
+        tentries.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "scheme": t.scheme, "params": t.params,
+                         "streams": streams})
+    manifest = {"format": 1, "grouping": grouping, "tensors": tentries, "groups": gentries, "meta": qm.meta}
+    return write_container(manifest, [bytes(n) for n in lengths])
+
+
+# --- budgets ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BudgetPoint:
+    lam: float
+    bytes: int
+    seconds: float
+
+
+@dataclass
+class BudgetResult:
+    qm: QuantizedModel
+    pack: PackResult
+    lam: float
+    history: list[BudgetPoint] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return len(self.pack.blob)
+
+
+def fit_budget(
+    mp: ModelPrep,
+    budget: int,
+    codec: str = "auto-fast",
+    lam0: float | None = None,
+    max_iter: int = 12,
+    rel_tol: float = 0.002,
+    extra_bytes: int = 0,
+    on_point: Callable[[BudgetPoint], None] | None = None,
+) -> BudgetResult:
+    """Largest-quality λ whose real packed artifact (+ ``extra_bytes``, e.g. code) fits ``budget``.
+
+    Bisection in log λ on real ``pack_model`` bytes: bytes fall as λ grows. Stops when the best
+    feasible point is within ``rel_tol`` of the budget or after ``max_iter`` packs. Raises
+    PgolfError, saying by how many bytes, when even the coarsest λ tried does not fit.
+    """
+    if budget <= 0:
+        raise PgolfError(f"budget must be a positive number of bytes, got {budget}")
+    history: list[BudgetPoint] = []
+    cache: dict[float, tuple[QuantizedModel, PackResult]] = {}
+
+    def size(lam: float) -> int:
+        t0 = time.perf_counter()
+        qm = quantize_model_rd(mp, lam)
+        res = pack_model(qm, codec=codec)
+        cache[lam] = (qm, res)
+        p = BudgetPoint(lam, len(res.blob) + extra_bytes, time.perf_counter() - t0)
+        history.append(p)
+        if on_point:
+            on_point(p)
+        return p.bytes
+
+    lam = lam0 if lam0 is not None else _initial_lambda(mp, budget - extra_bytes)
+    lo = hi = None  # lo: largest-bytes infeasible λ (too small); hi: feasible λ
+    b = size(lam)
+    if b <= budget:
+        hi = lam
+        while lo is None and len(history) < max_iter:
+            nxt = hi / 2.0
+            if size(nxt) <= budget:
+                hi = nxt
+            else:
+                lo = nxt
+    else:
+        lo = lam
+        while hi is None:
+            if len(history) >= max_iter + 8:
+                raise PgolfError(f"budget {budget:,} bytes cannot be met: the smallest artifact tried is "
+                                 f"{min(p.bytes for p in history):,} bytes ({min(p.bytes for p in history) - budget:,} over)")
+            nxt = lo * 4.0
+            if size(nxt) <= budget:
+                hi = nxt
+            else:
+                lo = nxt
+    while lo is not None and len(history) < max_iter:
+        best = min((p.bytes for p in history if p.bytes <= budget), default=0)
+        if budget - best <= rel_tol * budget:
+            break
+        mid = math.sqrt(lo * hi)
+        if size(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    feasible = [p for p in history if p.bytes <= budget]
+    pick = max(feasible, key=lambda p: (p.bytes, -p.lam))
+    qm, res = cache[pick.lam]
+    return BudgetResult(qm, res, pick.lam, history)
+
+
+def _initial_lambda(mp: ModelPrep, target: int) -> float:
+    """A λ whose high-rate predicted size is near ``target``, from one cheap RTN probe.
+
+    Probe at λ=1: code bits per matrix from the order-0 entropy of RTN codes; each halving of
+    every step adds one bit per weight, and halving the step multiplies λ by four."""
+    from .ecsq import ecsq_codes as _codes
+
+    bits = 0.0
+    n = 0
+    for info in mp.tensors:
+        grid = make_grid(info.w, step_for(info, 1.0), info.prep, mp.cfg.row_mode,
+                         mp.cfg.col_beta if info.prep is not None else 0.0)
+        q = _codes(info.w, grid, None)
+        _, c = np.unique(q, return_counts=True)
+        p = c / c.sum()
+        bits += float(-(c * np.log2(p)).sum())
+        n += q.size
+    side = sum(t.raw_bytes() for t in mp.passthrough.values()) + sum(2 * t.w.shape[0] for t in mp.tensors)
+    want_bits = max(8.0 * (target - side), 1.0 * n)
+    # bits(λ) ≈ bits(1) - (n/2)·log2 λ
+    return float(2.0 ** (2.0 * (bits - want_bits) / n))
