@@ -240,6 +240,24 @@ def test_causal_loss_and_bf16_autocast():
         assert (c.float() - a).abs().max() < 0.1 * a.abs().max()
 
 
+def test_baseline_bf16_runs_like_the_baselines_bf16_module():
+    src = _random_model(TINY, seed=6)
+    sd = src.state_dict()
+    model = load_model(sd, baseline_bf16=True)
+    idx = torch.randint(0, TINY.vocab_size, (2, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = model(idx)
+        assert out.dtype == torch.bfloat16  # bf16 all the way without autocast, as in the baseline
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(idx), out)
+        assert (out.float() - src(idx)).abs().max() < 0.1 * src(idx).abs().max()
+    cos, _ = model.blocks[0].attn.rotary(300, torch.device("cpu"), torch.float32)
+    # bf16 positions: 257 rounds to 256, so both rows of the table agree
+    assert torch.equal(cos[0, 0, 257], cos[0, 0, 256])
+    cos32, _ = src.blocks[0].attn.rotary(300, torch.device("cpu"), torch.float32)
+    assert not torch.equal(cos32[0, 0, 257], cos32[0, 0, 256])
+
+
 # ---------------------------------------------------------------- BPB
 
 DOCS = [

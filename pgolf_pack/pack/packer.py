@@ -142,7 +142,7 @@ def _encode_with(desc: dict, g: Group) -> bytes:
     if codec == "entropy":
         from .entropy import entropy_encode
 
-        return entropy_encode(arrays, g.lo, g.hi)
+        return entropy_encode(arrays, g.lo, g.hi, desc.get("model", "auto"))
     lay = Layout.from_dict(desc["layout"])
     return codecs.compress(codec, layout_encode(arrays, g.lo, lay, g.orders() if lay.rowsort else None))
 
@@ -181,6 +181,11 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
     best: tuple[bytes, dict] | None = None
     for desc in options:
         payload = _encode_with(desc, g)
+        if desc["codec"] == "entropy":
+            from .entropy import MODELS
+
+            # Record which model "auto" picked so a re-pack (verify) fits only that one.
+            desc = {**desc, "model": MODELS[payload[4]]}
         if best is None or len(payload) < len(best[0]):
             best = (payload, desc)
     assert best is not None
@@ -311,7 +316,7 @@ def unpack_model(blob: bytes, workers: int = 2) -> tuple[QuantizedModel, dict]:
 
 def group_choices(manifest: dict) -> dict[str, dict]:
     """The recorded (codec, layout) per group, to re-pack byte-identically."""
-    keep = ("codec", "layout", "shuffle")
+    keep = ("codec", "layout", "shuffle", "model")
     return {g["name"]: {k: g[k] for k in keep if k in g} for g in manifest["groups"]}
 
 
