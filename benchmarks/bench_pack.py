@@ -352,7 +352,9 @@ def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool) -> dict:
             rec = f"{rows['record lrzip']['groups'].get(role_of(g.name.split(':')[0]), 0):>10,}"
         elif use_lrzip:
             rec = f"{rows['record lrzip']['scale_bytes']:>10,}"
-        best = min(range(len(ours)), key=lambda i: (vals[i], AUTO_ORDER.index(ours[i])))
+        # auto tries lrzip and entropy on symbol groups only (packer._codec_list).
+        cand = [i for i, c in enumerate(ours) if g.kind == "symbols" or c in ("brotli", "zstd", "lzma")]
+        best = min(cand, key=lambda i: (vals[i], AUTO_ORDER.index(ours[i])))
         pick = _desc_label(per_codec[ours[best]]["groups"][g.name]["desc"])
         print(f"{g.name:<40} {ref:>10,.0f} " + " ".join(f"{v:>10,}" for v in vals) + (" " + rec if rec else "")
               + f"  {pick} ({_pct(vals[best], ref)} vs {'H0' if g.kind == 'symbols' else 'raw'})")

@@ -19,9 +19,7 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from pgolf_pack.calib.bpb import evaluate_bpb, target_bytes, token_byte_luts  # 
 from pgolf_pack.calib.model import GPT, GPTConfig, load_model  # noqa: E402
 from pgolf_pack.calib.shards import read_shard, write_shard  # noqa: E402
 from pgolf_pack.checkpoint import save_safetensors  # noqa: E402
-from pgolf_pack.fileio import atomic_write  # noqa: E402
+from pgolf_pack.fileio import atomic_write, atomic_write_bytes  # noqa: E402
 
 LICENSE_DIR = Path("/usr/share/common-licenses")
 # Every regular file in that folder on Debian 12 (base-files 12.4+deb12u11), with its sha256.
@@ -109,24 +107,21 @@ def is_val(doc: str) -> bool:
 
 
 def train_tokenizer(train_docs: list[str], out_model: Path) -> None:
+    import io
+
     import sentencepiece as spm
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "tok_train.txt"
-        with open(corpus, "w", encoding="utf-8") as f:
-            for d in train_docs:
-                for line in d.split("\n"):
-                    if line.strip():
-                        f.write(line + "\n")
-        prefix = Path(tmp) / "sp"
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(prefix), model_type="bpe", vocab_size=VOCAB,
-            character_coverage=0.999, byte_fallback=True, split_digits=True,
-            normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
-            pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False,
-            num_threads=1, minloglevel=2,
-        )
-        atomic_write(out_model, lambda p: shutil.copyfile(prefix.with_suffix(".model"), p))
+    lines = [line for d in train_docs for line in d.split("\n") if line.strip()]
+    # In-memory input and output keep temp paths out of the model file, so it is byte-reproducible.
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=VOCAB,
+        character_coverage=0.999, byte_fallback=True, split_digits=True,
+        normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2,
+    )
+    atomic_write_bytes(out_model, model.getvalue())
 
 
 def encode_docs(sp, docs: list[str]) -> np.ndarray:

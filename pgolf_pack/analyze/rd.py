@@ -150,6 +150,7 @@ def rd_curves(
     sensitivity: Mapping[str, float] | None = None,
     codec: str = "entropy",
     on_point: Callable[[RDPoint], None] | None = None,
+    eval_float: bool = True,
 ) -> RDReport:
     """Measure every pipeline at ``points`` settings. Without ``tokens`` BPB is left out (bytes and
     the Hessian proxy only). ``lambdas`` fixes the λ grid; else it spans ``lambda_span`` (ratio of
@@ -165,7 +166,7 @@ def rd_curves(
 
     base_cfg = cfg or RDConfig()
     evaluate = tokens is not None
-    fp = _evaluate(tensors, tokens, tokenizer, max_seqs, seq_len) if evaluate else None
+    fp = _evaluate(tensors, tokens, tokenizer, max_seqs, seq_len) if evaluate and eval_float else None
     out: list[RDPoint] = []
 
     def add(p: RDPoint) -> None:
@@ -219,7 +220,13 @@ def rd_curves(
             finish(name, lam, blob, enc, proxy)
     settings = {"pipelines": list(pipelines), "points": points, "max_seqs": max_seqs, "seq_len": seq_len,
                 "codec": codec, "rd": base_cfg.to_dict(), "sensitivity": dict(sensitivity or {})}
-    return RDReport(out, fp and fp["bpb"], fp and fp["loss"], fp["tokens"] if fp else 0, settings)
+    n_tok = fp["tokens"] if fp else (_scored_tokens(tokens, max_seqs, seq_len) if evaluate else 0)
+    return RDReport(out, fp and fp["bpb"], fp and fp["loss"], n_tok, settings)
+
+
+def _scored_tokens(tokens, max_seqs: int | None, seq_len: int) -> int:
+    n = (int(np.asarray(tokens).size) - 1) // seq_len
+    return (n if max_seqs is None else min(n, int(max_seqs))) * seq_len
 
 
 def _intk_proxy(tensors, qm, norm) -> float | None:

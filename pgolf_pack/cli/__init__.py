@@ -6,7 +6,7 @@ import sys
 
 from .app import app
 from . import calib, core  # noqa: F401  (registers commands)
-from . import analyze  # noqa: F401  (registers the analyze commands)
+from . import analyze, rd  # noqa: F401  (registers the analyze commands)
 
 
 def main() -> None:

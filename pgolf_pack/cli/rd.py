@@ -59,6 +59,7 @@ def rd_cmd(
     codec: str = typer.Option("entropy", help="codec for ecsq/rdoq/trellis artifacts"),
     max_seqs: Optional[int] = typer.Option(None, min=1, help="score only this many sequences (faster, noisier)"),
     seq_len: int = typer.Option(1024, min=1),
+    score_float: bool = typer.Option(True, "--float/--no-float", help="also score the float model"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG of bytes against BPB"),
     json_out: bool = JsonOpt,
 ) -> None:
@@ -91,7 +92,7 @@ def rd_cmd(
 
     rep = rd_curves(sd, hs, counts, toks, str(tokenizer) if tokenizer else None, names, points, max_seqs, seq_len,
                     _floats(widths, "--widths"), _floats(lambdas, "--lambdas"), lambda_span, cfg,
-                    _sensitivity(sensitivity), codec, on_point=show)
+                    _sensitivity(sensitivity), codec, on_point=show, eval_float=score_float)
     if plot is not None:
         plot_rd(rep, plot)
     if json_out:

@@ -23,7 +23,7 @@ import fnmatch
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from .gptq import PreparedHessian, check_hessian, prepare_hessian
 from .rdoq import RATE_MODELS, rdoq_codes
 
 METHODS = ("ecsq", "rdoq", "trellis")
+ALLOCS = ("slope", "uniform")
 SLOPE = 6.0 / math.log(2.0)
 
 
@@ -56,6 +57,7 @@ class RDConfig:
     """How every quantizable matrix is coded; the step itself comes from λ."""
 
     method: str = "rdoq"
+    alloc: str = "slope"  # "uniform": the same step multiple Δ = √(6λ/ln2) for every matrix
     row_mode: str = "flat"
     col_beta: float = 1.0
     rdoq_gain: float = 1.0  # RDOQ's λ relative to the allocation λ
@@ -72,6 +74,8 @@ class RDConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise PgolfError(f"unknown rate-distortion method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.alloc not in ALLOCS:
+            raise PgolfError(f"unknown allocation {self.alloc!r}; choose one of {', '.join(ALLOCS)}")
         if self.row_mode not in ROW_MODES:
             raise PgolfError(f"unknown row mode {self.row_mode!r}; choose one of {', '.join(ROW_MODES)}")
         if self.rate_model not in RATE_MODELS:
@@ -163,22 +167,30 @@ def prepare_model(
     return ModelPrep(infos, passthrough, list(tensors), cfg)
 
 
-def step_for(info: TensorInfo, lam: float) -> float:
-    """The step multiple Δ_t that puts matrix t at slope λ (high-rate rule)."""
+def step_for(info: TensorInfo, lam: float, alloc: str = "slope") -> float:
+    """The step multiple Δ_t that puts matrix t at slope λ (high-rate rule); with ``uniform``
+    allocation every matrix gets Δ = √(6λ/ln2), as if K_t·sens_t were 1."""
     if not (lam > 0 and np.isfinite(lam)):
         raise PgolfError(f"lambda must be a positive number, got {lam}")
+    if alloc == "uniform":
+        return math.sqrt(SLOPE * lam)
     return math.sqrt(SLOPE * lam / max(info.k * info.sens, 1e-300))
 
 
 def allocate_steps(mp: ModelPrep, lam: float) -> dict[str, float]:
-    return {t.name: step_for(t, lam) for t in mp.tensors}
+    return {t.name: step_for(t, lam, mp.cfg.alloc) for t in mp.tensors}
 
 
 def quantize_matrix(info: TensorInfo, delta: float, lam: float, cfg: RDConfig) -> QuantizedTensor:
     """One matrix with the configured method at step multiple ``delta`` and slope ``lam``."""
     prep = info.prep
     beta = cfg.col_beta if prep is not None else 0.0
-    lam_t = cfg.rdoq_gain * lam / info.sens
+    if cfg.alloc == "slope":
+        lam_t = cfg.rdoq_gain * lam / info.sens
+    else:  # the matrix's own slope at its step
+        from .rdoq import natural_lambda
+
+        lam_t = cfg.rdoq_gain * natural_lambda(make_grid(info.w, delta, prep, cfg.row_mode, beta), prep)
     if cfg.method == "trellis":
         from .trellis import quantize_trellis
 
@@ -358,24 +370,222 @@ def fit_budget(
     return BudgetResult(qm, res, pick.lam, history)
 
 
-def _initial_lambda(mp: ModelPrep, target: int) -> float:
-    """A λ whose high-rate predicted size is near ``target``, from one cheap RTN probe.
-
-    Probe at λ=1: code bits per matrix from the order-0 entropy of RTN codes; each halving of
-    every step adds one bit per weight, and halving the step multiplies λ by four."""
-    from .ecsq import ecsq_codes as _codes
-
+def _rtn_bits(mp: ModelPrep, lam: float) -> float:
+    """Order-0 entropy (bits) of round-to-nearest codes at slope λ: a cheap size probe."""
     bits = 0.0
-    n = 0
-    for info in mp.tensors:
-        grid = make_grid(info.w, step_for(info, 1.0), info.prep, mp.cfg.row_mode,
-                         mp.cfg.col_beta if info.prep is not None else 0.0)
-        q = _codes(info.w, grid, None)
+    for info, (name, delta) in zip(mp.tensors, allocate_steps(mp, lam).items()):
+        grid = make_grid(info.w, delta, info.prep, mp.cfg.row_mode, mp.cfg.col_beta if info.prep is not None else 0.0)
+        q = ecsq_codes(info.w, grid, None)
         _, c = np.unique(q, return_counts=True)
-        p = c / c.sum()
-        bits += float(-(c * np.log2(p)).sum())
-        n += q.size
+        bits += float(-(c * np.log2(c / c.sum())).sum())
+    return bits
+
+
+def _initial_lambda(mp: ModelPrep, target: int, probes: int = 3) -> float:
+    """A λ whose round-to-nearest order-0 size is near ``target`` bytes (secant steps in log λ;
+    at high rate each factor 4 in λ is one bit per weight)."""
+    n = sum(t.numel for t in mp.tensors)
     side = sum(t.raw_bytes() for t in mp.passthrough.values()) + sum(2 * t.w.shape[0] for t in mp.tensors)
-    want_bits = max(8.0 * (target - side), 1.0 * n)
-    # bits(λ) ≈ bits(1) - (n/2)·log2 λ
-    return float(2.0 ** (2.0 * (bits - want_bits) / n))
+    want = max(8.0 * (target - side), 0.05 * n)
+    x0, b0 = 0.0, _rtn_bits(mp, 1.0)
+    slope = -0.5 * n  # bits per unit of log2 λ
+    for _ in range(probes - 1):
+        x1 = x0 + (want - b0) / slope
+        x1 = float(np.clip(x1, x0 - 40, x0 + 40))
+        b1 = _rtn_bits(mp, 2.0 ** x1)
+        if abs(b1 - want) < 0.002 * want:
+            return float(2.0 ** x1)
+        if x1 != x0 and b1 != b0:
+            slope = min((b1 - b0) / (x1 - x0), -0.01 * n)
+        x0, b0 = x1, b1
+    return float(2.0 ** (x0 + (want - b0) / slope))
+
+
+# --- measured sensitivity ------------------------------------------------------------------------
+
+
+@dataclass
+class Sensitivity:
+    """Loss per unit of GPTQ's proxy, per matrix, from output-gradient second moments.
+
+    ``rows[name]`` holds B_i = mean over tokens of (∂ΣCE/∂y_i)² for each output row i of the
+    matrix (for the tied embedding: the logit rows). ``tensor[name]`` is the multiplier that
+    turns ``trace(ΔW H ΔWᵀ)`` into nats per token at a reference error (see
+    :func:`measure_sensitivity`).
+    """
+
+    tensor: dict[str, float]
+    rows: dict[str, np.ndarray]
+    tokens: int
+
+    def to_json(self) -> dict:
+        return dict(self.tensor)
+
+
+def output_gradient_moments(tensors: Mapping[str, torch.Tensor], tokens: np.ndarray, seqs: int = 8,
+                            seq_len: int = 1024, batch: int = 2) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    """Per-output-row mean squared loss gradients of every linear layer of the reference GPT.
+
+    Returns (B per weight name, C, tokens) where C[v, d] is the summed squared gradient at the
+    embedding output over the tokens whose id is v (the lookup role of a tied embedding), divided
+    by the token count. Gradients are of the summed next-token cross entropy (empirical Fisher).
+    """
+    import torch.nn.functional as F
+
+    from ..calib.model import CastedLinear, load_model
+
+    model = load_model(tensors)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    toks = torch.as_tensor(np.asarray(tokens).astype(np.int64)).reshape(-1)
+    n_seq = min(int(seqs), (toks.numel() - 1) // seq_len)
+    if n_seq < 1:
+        raise PgolfError(f"need more than {seq_len} tokens to measure sensitivity, got {toks.numel()}")
+    acc: dict[str, torch.Tensor] = {}
+    emb = model.tok_emb.weight
+    c_acc = torch.zeros(emb.shape, dtype=torch.float64)
+    cur_idx: list[torch.Tensor] = []
+
+    def out_hook(name):
+        def hook(_m, _inp, out):
+            def g(grad):
+                s = grad.detach().double().pow(2).sum(dim=tuple(range(grad.dim() - 1)))
+                acc[name] = acc.get(name, 0) + s
+            out.register_hook(g)
+        return hook
+
+    def emb_hook(_m, _inp, out):
+        out.requires_grad_(True)
+
+        def g(grad):
+            c_acc.index_add_(0, cur_idx[0].reshape(-1), grad.detach().double().pow(2).reshape(-1, grad.shape[-1]))
+        out.register_hook(g)
+        return out
+
+    handles = [m.register_forward_hook(out_hook(n + ".weight")) for n, m in model.named_modules() if isinstance(m, CastedLinear)]
+    handles.append(model.tok_emb.register_forward_hook(emb_hook))
+    head = torch.zeros(emb.shape[0], dtype=torch.float64)
+    cap = model.config.logit_softcap
+    try:
+        for start in range(0, n_seq, batch):
+            stop = min(start + batch, n_seq)
+            chunk = toks[start * seq_len: stop * seq_len + 1]
+            x = chunk[:-1].view(-1, seq_len)
+            y = chunk[1:].view(-1, seq_len)
+            cur_idx[:] = [x]
+            with torch.enable_grad():
+                logits = model(x)
+                ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+                ce.backward()
+            with torch.no_grad():
+                # Gradient at the tied head's pre-cap logits: (softmax - onehot) · d(cap·tanh(z/cap))/dz.
+                lg = logits.detach().double().reshape(-1, logits.size(-1))
+                gz = torch.softmax(lg, dim=-1)
+                gz[torch.arange(gz.shape[0]), y.reshape(-1)] -= 1.0
+                gz *= 1.0 - (lg / cap) ** 2
+                head += gz.pow(2).sum(dim=0)
+    finally:
+        for h in handles:
+            h.remove()
+    n = n_seq * seq_len
+    rows = {k: (v / n).numpy() for k, v in acc.items()}
+    if "lm_head.weight" not in rows and model.lm_head is None:
+        rows["tok_emb.weight"] = (head / n).numpy()
+    return rows, (c_acc / n).numpy(), n
+
+
+def measure_sensitivity(tensors: Mapping[str, torch.Tensor], hessians: Mapping[str, np.ndarray],
+                        counts: Mapping[str, int] | None, tokens: np.ndarray, seqs: int = 8, seq_len: int = 1024,
+                        delta: float = 0.35, batch: int = 2) -> Sensitivity:
+    """Per-matrix loss sensitivity of GPTQ's proxy, measured on (training) tokens.
+
+    Second-order, K-FAC style: a weight error ΔW of a layer with inputs of covariance A (the
+    count-normalised Hessian) and output-gradient second moments B_i adds about
+    ½ Σ_i B_i (ΔW A ΔWᵀ)_ii nats per token; for the tied embedding also ½ Σ C_vd ΔW_vd² through
+    the lookup. The multiplier is that estimate over ``trace(ΔW A ΔWᵀ)`` for the error of
+    round-to-nearest ECSQ at step ``delta`` (one step for the whole matrix, column steps on) —
+    a reference error, since the ratio depends a little on how the error spreads over rows.
+    """
+    rows, c_emb, n = output_gradient_moments(tensors, tokens, seqs, seq_len, batch)
+    sens: dict[str, float] = {}
+    for name, t in tensors.items():
+        if name not in rows or name not in hessians:
+            continue
+        w = to_float32(t).astype(np.float32)
+        a = check_hessian(name, hessians[name], w.shape[1]).astype(np.float64) / max(int((counts or {}).get(name, 1)), 1)
+        prep = prepare_hessian(a, 0.01, True, name)
+        grid = make_grid(w, delta, prep, "flat", 1.0)
+        dw = (w - ecsq_codes(w, grid, None) * grid.steps()).astype(np.float64)
+        d_rows = np.einsum("ij,ij->i", dw @ a, dw)
+        est = 0.5 * float((rows[name] * d_rows).sum())
+        if name == "tok_emb.weight" and c_emb.shape == dw.shape:
+            est += 0.5 * float((c_emb * dw * dw).sum())
+        sens[name] = est / max(float(d_rows.sum()), 1e-300)
+    return Sensitivity(sens, rows, n)
+
+
+def measure_sensitivity_perturb(
+    tensors: Mapping[str, torch.Tensor],
+    hessians: Mapping[str, np.ndarray],
+    counts: Mapping[str, int] | None,
+    tokens: np.ndarray,
+    seqs: int = 4,
+    seq_len: int = 1024,
+    deltas: Sequence[float] = (0.5, 1.5, 4.5),
+    min_dloss: float = 3e-5,
+    on_tensor: Callable[[str, float], None] | None = None,
+) -> Sensitivity:
+    """Per-matrix loss sensitivity measured directly: quantize one matrix alone (round-to-nearest
+    ECSQ, one step per matrix, column steps on) and score the mean next-token loss on ``tokens``.
+
+    ``sens = Δloss / trace(ΔW A ΔWᵀ)``. A matrix whose loss change stays below ``min_dloss`` nats
+    at a step is re-measured at the next, coarser step of ``deltas`` (tiny changes drown in the
+    float noise of the forward pass); if none reaches it, the last ratio with Δloss clamped up to
+    ``min_dloss`` is kept (an upper bound). Costs one forward pass over ``seqs`` sequences per
+    measurement; use training tokens, never the validation text.
+    """
+    from ..calib.model import load_model
+
+    model = load_model(tensors)
+    params = dict(model.named_parameters())
+    toks = torch.as_tensor(np.asarray(tokens).astype(np.int64)).reshape(-1)
+    n_seq = min(int(seqs), (toks.numel() - 1) // seq_len)
+    if n_seq < 1:
+        raise PgolfError(f"need more than {seq_len} tokens to measure sensitivity, got {toks.numel()}")
+    chunk = toks[: n_seq * seq_len + 1]
+    x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+
+    def score() -> float:
+        with torch.inference_mode():
+            return float(sum(model.loss(x[i:i + 1], y[i:i + 1], reduction="sum").double() for i in range(n_seq))) / (n_seq * seq_len)
+
+    base = score()
+    sens: dict[str, float] = {}
+    for name, t in tensors.items():
+        if name not in hessians or name not in params or not is_quantizable(t, 1):
+            continue
+        w = to_float32(t).astype(np.float32)
+        a = check_hessian(name, hessians[name], w.shape[1]).astype(np.float64) / max(int((counts or {}).get(name, 1)), 1)
+        prep = prepare_hessian(a, 0.01, True, name)
+        p = params[name]
+        orig = p.detach().clone()
+        ratio = 0.0
+        try:
+            for d in deltas:
+                grid = make_grid(w, d, prep, "flat", 1.0)
+                wq = (ecsq_codes(w, grid, None) * grid.steps()).astype(np.float32)
+                dw = (w - wq).astype(np.float64)
+                proxy = max(float(np.einsum("ij,ij->", dw @ a, dw)), 1e-300)
+                with torch.no_grad():
+                    p.copy_(torch.from_numpy(wq).to(p.dtype))
+                dl = score() - base
+                ratio = max(dl, min_dloss) / proxy
+                if dl >= min_dloss:
+                    break
+        finally:
+            with torch.no_grad():
+                p.copy_(orig)
+        sens[name] = ratio
+        if on_tensor:
+            on_tensor(name, ratio)
+    return Sensitivity(sens, {}, n_seq * seq_len)
