@@ -8,11 +8,12 @@ every figure) and packs that one quantized model with:
   in checkpoint order, as ONE stream; "BSHF" + stride-2 byte shuffle of the whole stream; brotli
   quality 11 (default window). The 5 shuffle header bytes are counted.
 * ``record lrzip``: the #1 record's per-group packer: int8 symbols grouped by role (all layers of a
-  role together), each tensor's rows in L1 nearest-neighbour chain order (here every group is
-  sorted, not only the record's three "hot" ones, which can only help it), written column-major,
-  ``lrzip -z -L 9 -T`` per group; the uint16 row orders brotli-11; the fp16 scales brotli-11 lgwin 24;
-  a 4 + 4 + 4 x streams byte container header. ``-T`` is ours: without it lrzip silently stores
-  fine-step symbols raw (see DESIGN.md). Shape/name metadata, which the record pickles, is not counted.
+  role together); in the record's "hot" groups (embeddings, query projection, MLP input; with
+  ``--record-sort all`` every group) each tensor's rows in L1 nearest-neighbour chain order; every
+  tensor written column-major; ``lrzip -z -L 9 -T`` per group; the uint16 row orders brotli-11; the fp16
+  scales brotli-11 lgwin 24; a 4 + 4 + 4 x streams byte container header. ``-T`` is ours: without it
+  lrzip silently stores fine-step symbols raw (see DESIGN.md). Shape/name metadata, which the record
+  pickles, is not counted.
 * each of our codecs on every group (``encode_group`` with layout choice, as ``pack --codec X``):
   the figure is the group payloads plus the header+manifest bytes of the ``auto-fast`` artifact;
 * ``auto-fast`` and ``auto`` via ``pack_model``: real artifacts (manifest included), decoded with
@@ -78,6 +79,8 @@ OUR_CODECS = ("brotli", "zstd", "lzma", "lrzip", "entropy")
 AUTO_ORDER = ("entropy", "brotli", "zstd", "lzma", "lrzip")
 WORKERS = 2  # pack_model's default; the record packer also runs its lrzip groups in parallel
 AUTO_FAST_TARGET_S = 60.0
+# The #1 record sorts rows of tok_emb, attn.c_q and mlp.fc only; the BERT-style names of the same roles.
+HOT_ROLES = ("c_q", "mlp.fc", "attention.self.query", "intermediate.dense")
 
 
 def minilm_checkpoint() -> Path | None:
@@ -161,13 +164,21 @@ def record_brotli(qm: QuantizedModel) -> dict:
     return {"bytes": len(blob), "enc_s": te, "dec_s": td}
 
 
-def record_lrzip(qm: QuantizedModel) -> dict:
+def is_hot(role: str) -> bool:
+    """The groups the #1 record row-sorts: embeddings, the query projection and the MLP input."""
+    return "emb" in role or any(k in role for k in HOT_ROLES)
+
+
+def record_lrzip(qm: QuantizedModel, sort_all: bool = False) -> dict:
     groups: dict[str, list[np.ndarray]] = {}
     for t, q in zip(qm.tensors, symbols(qm)):
         groups.setdefault(role_of(t.name), []).append(q)
+    sorted_roles = {g for g in groups if sort_all or is_hot(g)}
 
-    def enc_group(arrs: list[np.ndarray]) -> tuple[bytes, list[np.ndarray]]:
-        perms = [l1_chain_order(a) for a in arrs]
+    def enc_group(role: str) -> tuple[bytes, list[np.ndarray]]:
+        arrs = groups[role]
+        ident = [np.arange(a.shape[0]) for a in arrs]
+        perms = [l1_chain_order(a) for a in arrs] if role in sorted_roles else ident
         raw = b"".join(np.ascontiguousarray(a[p].T).tobytes() for a, p in zip(arrs, perms))
         return codecs.compress("lrzip", raw), perms
 
@@ -186,8 +197,12 @@ def record_lrzip(qm: QuantizedModel) -> dict:
 
     t = time.perf_counter()
     with ThreadPoolExecutor(WORKERS) as ex:
-        timed = list(ex.map(lambda arrs: _timed(enc_group, arrs), groups.values()))
-    perm_blob = brotli.compress(b"".join(p.astype("<u2").tobytes() for (_, ps), _ in timed for p in ps), quality=11)
+        timed = list(ex.map(lambda role: _timed(enc_group, role), groups))
+
+    def perm_bytes(roles) -> bytes:
+        return b"".join(p.astype("<u2").tobytes() for r, ((_, ps), _) in zip(groups, timed) if r in roles for p in ps)
+
+    perm_blob = brotli.compress(perm_bytes(sorted_roles), quality=11)
     scale_blob = codecs.compress("brotli", b"".join(s.tobytes() for s in scales(qm)))
     te = time.perf_counter() - t
     streams = [b for (b, _), _ in timed] + [scale_blob, perm_blob]
@@ -201,8 +216,11 @@ def record_lrzip(qm: QuantizedModel) -> dict:
         if not all(np.array_equal(a, b) for a, b in zip(arrs, got)):
             raise SystemExit(f"record lrzip: group {g} roundtrip mismatch")
     per_group = {g: len(b) for g, ((b, _), _) in zip(groups, timed)}
+    # Attribution only: the record brotli-codes all orders as one stream (perm_bytes).
+    group_perm = {g: len(brotli.compress(perm_bytes({g}), quality=11)) if g in sorted_roles else 0 for g in groups}
     return {"bytes": 8 + 4 * len(streams) + sum(map(len, streams)), "enc_s": te, "dec_s": td,
-            "groups": per_group, "perm_bytes": len(perm_blob), "scale_bytes": len(scale_blob)}
+            "groups": per_group, "group_perm": group_perm, "perm_bytes": len(perm_blob), "scale_bytes": len(scale_blob),
+            "sorted": sorted(sorted_roles)}
 
 
 # --- our packer --------------------------------------------------------------------------------------
@@ -285,7 +303,7 @@ def _desc_label(d: dict) -> str:
     return d["codec"] + ("[shuffle]" if d.get("shuffle") else "")
 
 
-def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool) -> dict:
+def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool, sort_all: bool = False) -> dict:
     load0 = _load()
     print(f"\n=== {path.name}  int{bits}  (load avg {load0}) ===", flush=True)
     qm, tq = _timed(quantize, tensors, bits)
@@ -303,7 +321,7 @@ def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool) -> dict:
     print(f"  record brotli done ({rows['record brotli']['enc_s']:.1f} s)", flush=True)
     if use_lrzip:
         c0 = cpu_s()
-        rows["record lrzip"] = record_lrzip(qm)
+        rows["record lrzip"] = record_lrzip(qm, sort_all)
         rows["record lrzip"]["cpu_s"] = cpu_s() - c0
         print(f"  record lrzip done ({rows['record lrzip']['enc_s']:.1f} s)", flush=True)
     per_codec = {}
@@ -340,7 +358,7 @@ def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool) -> dict:
     print("(enc/dec s: wall, 2 worker threads; cpu s: CPU seconds of encode + decode, lrzip children included)")
 
     # Per group: where the bytes go and which codec/layout wins.
-    cols = ours + (["rec-lrzip"] if use_lrzip else [])
+    cols = ours + (["rec-lrzip", "rec-perm"] if use_lrzip else [])
     print(f"\n{'group':<40} {'H0/raw':>10} " + " ".join(f"{c:>10}" for c in cols) + "  auto pick")
     sym_h0 = {}
     for g in groups:
@@ -349,9 +367,10 @@ def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool) -> dict:
         vals = [per_codec[c]["groups"][g.name]["bytes"] for c in ours]
         rec = ""
         if use_lrzip and g.kind == "symbols":
-            rec = f"{rows['record lrzip']['groups'].get(role_of(g.name.split(':')[0]), 0):>10,}"
+            role = g.name.split(":")[0]
+            rec = f"{rows['record lrzip']['groups'][role]:>10,} {rows['record lrzip']['group_perm'][role]:>10,}"
         elif use_lrzip:
-            rec = f"{rows['record lrzip']['scale_bytes']:>10,}"
+            rec = f"{rows['record lrzip']['scale_bytes']:>10,} {'':>10}"
         # auto tries lrzip and entropy on symbol groups only (packer._codec_list).
         cand = [i for i, c in enumerate(ours) if g.kind == "symbols" or c in ("brotli", "zstd", "lzma")]
         best = min(cand, key=lambda i: (vals[i], AUTO_ORDER.index(ours[i])))
@@ -359,8 +378,9 @@ def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool) -> dict:
         print(f"{g.name:<40} {ref:>10,.0f} " + " ".join(f"{v:>10,}" for v in vals) + (" " + rec if rec else "")
               + f"  {pick} ({_pct(vals[best], ref)} vs {'H0' if g.kind == 'symbols' else 'raw'})")
     if use_lrzip:
-        print(f"{'(record lrzip row orders, brotli)':<40} {'':>10} " + " ".join(f"{'':>10}" for _ in ours)
-              + f" {rows['record lrzip']['perm_bytes']:>10,}")
+        rl = rows["record lrzip"]
+        print(f"record lrzip: row orders of {', '.join(rl['sorted'])} as one brotli stream: {rl['perm_bytes']:,} B "
+              f"(rec-perm splits them per group, for attribution)")
     print(f"load avg after: {_load()}", flush=True)
     return {"checkpoint": str(path), "bits": bits, "load_before": load0, "load_after": _load(), "symbols": n_sym, "bound": bound, "quantize_s": tq,
             "rows": {k: {kk: vv for kk, vv in v.items() if kk != "groups"} for k, v in rows.items()},
@@ -382,8 +402,10 @@ def verdict(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, action="append", help="repeatable; default: bench + MiniLM when installed")
-    ap.add_argument("--bits", type=int, nargs="+", default=[5, 6, 8], choices=[5, 6, 8])
+    ap.add_argument("--bits", type=int, nargs="+", default=[6, 5, 8], choices=[5, 6, 8])
     ap.add_argument("--no-lrzip", action="store_true", help="leave out lrzip/ZPAQ (record lrzip, our lrzip, auto)")
+    ap.add_argument("--record-sort", choices=["hot", "all"], default="hot",
+                    help="record lrzip: row-sort the record's hot groups only (as #1 does) or every group")
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args()
 
@@ -397,7 +419,7 @@ def main() -> None:
     for p in paths:
         tensors = load_checkpoint(p)
         for bits in args.bits:
-            results.append(run_config(p, tensors, bits, use_lrzip))
+            results.append(run_config(p, tensors, bits, use_lrzip, args.record_sort == "all"))
     print()
     for r in results:
         if r["bits"] == 6:

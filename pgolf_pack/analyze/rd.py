@@ -4,7 +4,8 @@ Pipelines (each point is quantize → pack → unpack → dequantize → BPB, so
 user would get from the artifact):
 
 * ``record``  – GPTQ int-k with SDClip at the PR #1855 widths (attn int6 13σ, MLP int6 11.5σ,
-  embedding int7 14σ; the widths scaled by a knob), per-group lrzip (``codec="lrzip"``);
+  embedding int7 14σ; the widths scaled by a knob), per-group lrzip (``codec="lrzip"``; another
+  codec can stand in where lrzip is missing or too slow);
 * ``gptq``    – the same symbols with our coder (``codec="auto-fast"``);
 * ``ecsq``    – entropy-coded scalar quantization in the GPTQ sweep, steps from one λ;
 * ``rdoq``    – ECSQ with rate-aware rounding;
@@ -151,6 +152,7 @@ def rd_curves(
     codec: str = "entropy",
     on_point: Callable[[RDPoint], None] | None = None,
     eval_float: bool = True,
+    record_codec: str = "lrzip",
 ) -> RDReport:
     """Measure every pipeline at ``points`` settings. Without ``tokens`` BPB is left out (bytes and
     the Hessian proxy only). ``lambdas`` fixes the λ grid; else it spans ``lambda_span`` (ratio of
@@ -191,7 +193,7 @@ def rd_curves(
             qm = quantize_tensors(tensors, record_recipe(wdt), hessians)
             tq = time.perf_counter() - t0
             proxy = _intk_proxy(tensors, qm, norm)
-            for name, c in (("record", "lrzip"), ("gptq", "auto-fast")):
+            for name, c in (("record", record_codec), ("gptq", "auto-fast")):
                 if name not in pipelines:
                     continue
                 t0 = time.perf_counter()
@@ -219,7 +221,7 @@ def rd_curves(
             proxy = float(sum(proxy_error(mp, qm).values())) if mp.tensors and mp.tensors[0].h is not None else None
             finish(name, lam, blob, enc, proxy)
     settings = {"pipelines": list(pipelines), "points": points, "max_seqs": max_seqs, "seq_len": seq_len,
-                "codec": codec, "rd": base_cfg.to_dict(), "sensitivity": dict(sensitivity or {})}
+                "codec": codec, "record_codec": record_codec, "rd": base_cfg.to_dict(), "sensitivity": dict(sensitivity or {})}
     n_tok = fp["tokens"] if fp else (_scored_tokens(tokens, max_seqs, seq_len) if evaluate else 0)
     return RDReport(out, fp and fp["bpb"], fp and fp["loss"], n_tok, settings)
 

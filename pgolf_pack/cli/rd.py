@@ -57,6 +57,7 @@ def rd_cmd(
     rdoq_gain: float = typer.Option(1.0, help="RDOQ / trellis λ relative to the allocation λ"),
     sensitivity: Optional[Path] = typer.Option(None, help="JSON: tensor name or glob -> loss sensitivity multiplier"),
     codec: str = typer.Option("entropy", help="codec for ecsq/rdoq/trellis artifacts"),
+    record_codec: str = typer.Option("lrzip", help="codec of the record pipeline (lrzip as in the records)"),
     max_seqs: Optional[int] = typer.Option(None, min=1, help="score only this many sequences (faster, noisier)"),
     seq_len: int = typer.Option(1024, min=1),
     score_float: bool = typer.Option(True, "--float/--no-float", help="also score the float model"),
@@ -92,7 +93,7 @@ def rd_cmd(
 
     rep = rd_curves(sd, hs, counts, toks, str(tokenizer) if tokenizer else None, names, points, max_seqs, seq_len,
                     _floats(widths, "--widths"), _floats(lambdas, "--lambdas"), lambda_span, cfg,
-                    _sensitivity(sensitivity), codec, on_point=show, eval_float=score_float)
+                    _sensitivity(sensitivity), codec, on_point=show, eval_float=score_float, record_codec=record_codec)
     if plot is not None:
         plot_rd(rep, plot)
     if json_out:

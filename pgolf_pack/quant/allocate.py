@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
