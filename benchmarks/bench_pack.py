@@ -303,13 +303,25 @@ def _desc_label(d: dict) -> str:
     return d["codec"] + ("[shuffle]" if d.get("shuffle") else "")
 
 
+def _widths_summary(qm: QuantizedModel) -> list[str]:
+    by_bits: dict[tuple[int, bool], list[float]] = {}
+    for t in qm.tensors:
+        by_bits.setdefault((t.params["bits"], bool(t.params.get("searched"))), []).append(t.params["sigmas"])
+    out = []
+    for (b, searched), sig in sorted(by_bits.items()):
+        lo, hi = min(sig), max(sig)
+        span = f"{lo:.2f}σ" if hi - lo < 5e-3 else f"{lo:.2f}–{hi:.2f}σ"
+        out.append(f"int{b} {'searched ' if searched else ''}{span} ({len(sig)} tensors)")
+    return out
+
+
 def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool, sort_all: bool = False) -> dict:
     load0 = _load()
     print(f"\n=== {path.name}  int{bits}  (load avg {load0}) ===", flush=True)
     qm, tq = _timed(quantize, tensors, bits)
     n_sym = sum(q.size for q in symbols(qm))
     bound = bound_bytes(qm)
-    sig = ", ".join(sorted({f"int{t.params['bits']} {t.params['sigmas']:.2f}σ" for t in qm.tensors}))
+    sig = ", ".join(_widths_summary(qm))
     print(f"{len(qm.tensors)} tensors, {n_sym:,} symbols, quantize {tq:.1f} s; widths used: {sig}", flush=True)
     groups = build_groups(qm)
     ours = [c for c in OUR_CODECS if use_lrzip or c != "lrzip"]
@@ -384,7 +396,9 @@ def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool, sort_all: 
     print(f"load avg after: {_load()}", flush=True)
     return {"checkpoint": str(path), "bits": bits, "load_before": load0, "load_after": _load(), "symbols": n_sym, "bound": bound, "quantize_s": tq,
             "rows": {k: {kk: vv for kk, vv in v.items() if kk != "groups"} for k, v in rows.items()},
-            "groups": {g.name: {"h0": sym_h0[g.name], **{c: per_codec[c]["groups"][g.name]["bytes"] for c in ours}} for g in groups}}
+            "groups": {g.name: {"h0": sym_h0[g.name], **{c: per_codec[c]["groups"][g.name]["bytes"] for c in ours},
+                                **{f"{c} layout": _desc_label(per_codec[c]["groups"][g.name]["desc"]) for c in ours}}
+                       for g in groups}}
 
 
 def verdict(res: dict) -> str:

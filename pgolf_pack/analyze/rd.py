@@ -176,9 +176,16 @@ def rd_curves(
         if on_point:
             on_point(p)
 
+    last: list = [None, None]  # (state, evaluation) of the previous point
+
     def finish(pipeline: str, knob: float, blob: bytes, enc: float, proxy: float | None) -> None:
         state, dec = _roundtrip(blob)
-        ev = _evaluate(state, tokens, tokenizer, max_seqs, seq_len) if evaluate else None
+        prev_state, prev_ev = last
+        if evaluate and prev_ev is not None and _same_state(state, prev_state):
+            ev = prev_ev  # record and gptq decode to identical weights: scoring once is enough
+        else:
+            ev = _evaluate(state, tokens, tokenizer, max_seqs, seq_len) if evaluate else None
+        last[:] = [state, ev]
         add(RDPoint(pipeline, float(knob), len(blob), ev and ev["bpb"], ev and ev["loss"], proxy, enc, dec))
 
     # Count-normalised Hessians for the proxy of the int-k pipelines.
@@ -229,6 +236,10 @@ def rd_curves(
 def _scored_tokens(tokens, max_seqs: int | None, seq_len: int) -> int:
     n = (int(np.asarray(tokens).size) - 1) // seq_len
     return (n if max_seqs is None else min(n, int(max_seqs))) * seq_len
+
+
+def _same_state(a: Mapping[str, torch.Tensor] | None, b: Mapping[str, torch.Tensor] | None) -> bool:
+    return a is not None and b is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _intk_proxy(tensors, qm, norm) -> float | None:

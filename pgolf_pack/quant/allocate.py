@@ -3,7 +3,10 @@
 One global λ (loss per bit) sets every matrix's step so the marginal loss per byte is the same
 everywhere. The loss of matrix t is modelled as ``sens_t · trace(ΔW H ΔWᵀ)`` with H the
 count-normalised Hessian (GPTQ's objective) and ``sens_t`` a per-tensor sensitivity (1 by
-default, or measured: :func:`measure_sensitivity`). At high rate a step s on an entry whose
+default; measured by :func:`measure_sensitivity_perturb` — quantize one matrix, score the loss on
+training tokens — or estimated from output-gradient moments by :func:`measure_sensitivity`). The
+proxy alone is not comparable across layers (on the bench checkpoint the measured multipliers
+span six orders of magnitude, deep layers being nearly free), so budgets want measured values. At high rate a step s on an entry whose
 squared error carries weight ω costs D ≈ ω s²/12 and R ≈ h - log2 s bits, so dD/dR = -(ln2/6)·ω s².
 Equal slope λ across all entries of all matrices therefore asks for
 
@@ -381,24 +384,33 @@ def _rtn_bits(mp: ModelPrep, lam: float) -> float:
     return bits
 
 
-def _initial_lambda(mp: ModelPrep, target: int, probes: int = 3) -> float:
-    """A λ whose round-to-nearest order-0 size is near ``target`` bytes (secant steps in log λ;
-    at high rate each factor 4 in λ is one bit per weight)."""
+def _initial_lambda(mp: ModelPrep, target: int, probes: int = 4) -> float:
+    """A λ whose round-to-nearest order-0 size is near ``target`` bytes.
+
+    Starts where the median matrix gets a step of 0.35 of its spread, then takes secant steps in
+    log λ (at high rate each factor 4 in λ is one bit per weight); a probe whose rate has
+    collapsed to ~0 bits only tells the direction, so it moves by a fixed factor instead."""
     n = sum(t.numel for t in mp.tensors)
+    if n == 0:
+        return 1.0
     side = sum(t.raw_bytes() for t in mp.passthrough.values()) + sum(2 * t.w.shape[0] for t in mp.tensors)
     want = max(8.0 * (target - side), 0.05 * n)
-    x0, b0 = 0.0, _rtn_bits(mp, 1.0)
+    ks = [1.0 if mp.cfg.alloc == "uniform" else t.k * t.sens for t in mp.tensors]
+    x0 = math.log2(0.35**2 * float(np.median(ks)) / SLOPE)
+    b0 = _rtn_bits(mp, 2.0**x0)
     slope = -0.5 * n  # bits per unit of log2 λ
     for _ in range(probes - 1):
-        x1 = x0 + (want - b0) / slope
-        x1 = float(np.clip(x1, x0 - 40, x0 + 40))
-        b1 = _rtn_bits(mp, 2.0 ** x1)
+        if b0 < 0.02 * n:
+            x1 = x0 - 4.0
+        else:
+            x1 = x0 + float(np.clip((want - b0) / slope, -8.0, 8.0))
+        b1 = _rtn_bits(mp, 2.0**x1)
         if abs(b1 - want) < 0.002 * want:
-            return float(2.0 ** x1)
-        if x1 != x0 and b1 != b0:
-            slope = min((b1 - b0) / (x1 - x0), -0.01 * n)
+            return float(2.0**x1)
+        if b0 >= 0.02 * n and b1 >= 0.02 * n and b1 != b0:
+            slope = min((b1 - b0) / (x1 - x0), -0.05 * n)
         x0, b0 = x1, b1
-    return float(2.0 ** (x0 + (want - b0) / slope))
+    return float(2.0 ** (x0 + float(np.clip((want - b0) / slope, -8.0, 8.0))))
 
 
 # --- measured sensitivity ------------------------------------------------------------------------
