@@ -39,6 +39,10 @@ def _r(method: str, bits: int, embed_bits: int | None = None, **kw) -> dict:
     return {"default": {"method": method, "bits": bits, "clip": "sdclip", **kw}, "rule": rules}
 
 
+def _emb6(recipe: dict) -> dict:
+    return {**recipe, "rule": [{"match": "tok_emb.weight", "method": "gptq", "bits": 6}]}
+
+
 PRESETS: dict[str, dict] = {
     # name: recipe dict (or "record"), optional lqer options, codec
     "rtn-int6": {"recipe": _r("rtn", 6)},
@@ -60,6 +64,12 @@ PRESETS: dict[str, dict] = {
     "e8p-rht-ldlq": {"recipe": _r("e8p", 6, ldlq=True)},
     "e8p-rht": {"recipe": _r("e8p", 6, ldlq=False)},
     "e8p-nornt-ldlq": {"recipe": _r("e8p", 6, rht=False, ldlq=True)},
+    "e8p-nornt": {"recipe": _r("e8p", 6, rht=False, ldlq=False)},
+    # The tied embedding doubles as the output head; users keep it wide, so compare that way too.
+    "e8p-rht-ldlq-emb6": {"recipe": _emb6(_r("e8p", 6, ldlq=True))},
+    "e8p-rht-ldlq-fb4": {"recipe": _emb6(_r("e8p", 6, ldlq=True, fallback=4, fallback_bits=4))},
+    "gptq-int2-emb6": {"recipe": _emb6(_r("gptq", 2))},
+    "gptq-int3-emb6": {"recipe": _emb6(_r("gptq", 3))},
     "gptq-int3": {"recipe": _r("gptq", 3)},
     "gptq-int2": {"recipe": _r("gptq", 2)},
 }
@@ -68,7 +78,8 @@ SETS = {
     "gptq": ["gptq-int6", "gptq-int5", "gptq-int4", "record-gptq"],
     "lqer": ["gptq-int6", "gptq-int6-lqer1r4", "gptq-int6-lqer3r4", "gptq-int6-lqer3r8", "gptq-int6-lqer3r4-plain"],
     "embed": ["gptq-int6-emb8", "gptq-int6-emb7", "gptq-int6", "gptq-int6-emb-tiers"],
-    "e8p": ["e8p-rht-ldlq", "e8p-rht", "e8p-nornt-ldlq", "gptq-int4", "gptq-int3", "gptq-int2"],
+    "e8p": ["e8p-rht-ldlq", "e8p-rht", "e8p-nornt-ldlq", "e8p-nornt", "gptq-int4", "gptq-int3", "gptq-int2"],
+    "e8p-emb6": ["e8p-rht-ldlq-emb6", "e8p-rht-ldlq-fb4", "gptq-int2-emb6", "gptq-int3-emb6"],
 }
 
 

@@ -87,6 +87,41 @@ def _row_ranking(name: str, w: np.ndarray, spec: dict, token_freq: np.ndarray | 
     return row_damage(w, freq + 1.0, low, clip=spec.get("clip", "sdclip"), sigmas=spec.get("sigmas"))
 
 
+def _apply_e8p_fallbacks(qm: QuantizedModel, specs: dict, tensors, hessians) -> list[str]:
+    """Send the ``fallback`` E8P matrices with the worst rotated-VQ error to int-``fallback_bits``.
+
+    The count is one budget over all E8P matrices (the largest ``fallback`` any of their specs
+    asks for), because which tensors suffer most is only known after all are quantized. The
+    error is Hessian-weighted where a Hessian exists, so layers compare on the proxy loss.
+    """
+    from .quant.e8p import regularize_hessian, relative_error
+
+    pool = [i for i, t in enumerate(qm.tensors) if t.scheme == "e8p"]
+    budget = max((int(specs[qm.tensors[i].name].get("fallback", 0)) for i in pool), default=0)
+    if budget <= 0:
+        return []
+    errs = []
+    for i in pool:
+        name = qm.tensors[i].name
+        w = to_float32(tensors[name])
+        H = hessians.get(name) if hessians is not None else None
+        hr = regularize_hessian(H, specs[name].get("damp", 0.01)) if H is not None else None
+        errs.append((relative_error(w, dequantize_float32(qm.tensors[i]).reshape(w.shape), hr), i))
+    fallen = []
+    for err, i in sorted(errs, reverse=True)[:budget]:
+        name = qm.tensors[i].name
+        spec = specs[name]
+        H = hessians.get(name) if hessians is not None else None
+        sub = {"bits": int(spec.get("fallback_bits", 4)), "clip": spec.get("clip", "sdclip")}
+        qt = _method("gptq" if H is not None else "rtn")(name, tensors[name], sub, H)
+        qt.params["fallback_from"] = {"method": "e8p", "rel_error": round(float(err), 6)}
+        if "group" in spec:
+            qt.params["group"] = spec["group"]
+        qm.tensors[i] = qt
+        fallen.append(name)
+    return fallen
+
+
 def _apply_lqer_specs(qm: QuantizedModel, specs: dict, tensors, hessians, lqer: LqerOptions | None) -> list[dict]:
     from .quant.lqer import apply_lqer
 
@@ -147,6 +182,9 @@ def quantize_tensors(
         if on_tensor:
             on_tensor(name)
     qm = QuantizedModel(out, {"pgolf_pack": __version__, "recipe": recipe.to_dict()})
+    fallen = _apply_e8p_fallbacks(qm, specs, tensors, hessians)
+    if fallen:
+        qm.meta["e8p_fallback"] = fallen
     lqer_rows = _apply_lqer_specs(qm, specs, tensors, hessians, lqer)
     if lqer_rows:
         qm.meta["lqer"] = [r["name"] for r in lqer_rows]

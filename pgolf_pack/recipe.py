@@ -37,7 +37,7 @@ METHODS = ("rtn", "gptq", "e8p", "float", "fp16")
 SPEC_KEYS = {
     "method", "bits", "clip", "sigmas", "group",
     "block_size", "damp", "act_order",
-    "rht", "seed", "ldlq",
+    "rht", "seed", "ldlq", "fallback", "fallback_bits",
     "lqer_rank", "lqer_bits", "lqer_group", "lqer_weighted",
     "row_bits",
 }
@@ -70,9 +70,13 @@ def _check_spec(where: str, spec: Mapping) -> None:
             parse_row_bits(spec["row_bits"])
         except PgolfError as e:
             raise PgolfError(f"{where}: {e}") from None
-    b = spec.get("bits")
-    if b is not None and (not isinstance(b, int) or not 2 <= b <= 8):
-        raise PgolfError(f"{where}: bits must be an integer in 2..8, got {b!r}")
+    for key in ("bits", "fallback_bits"):
+        b = spec.get(key)
+        if b is not None and (not isinstance(b, int) or not 2 <= b <= 8):
+            raise PgolfError(f"{where}: {key} must be an integer in 2..8, got {b!r}")
+    fb = spec.get("fallback")
+    if fb is not None and (not isinstance(fb, int) or fb < 0):
+        raise PgolfError(f"{where}: fallback must be a count of tensors >= 0, got {fb!r}")
 
 
 def recipe_from_dict(d: Mapping, source: str = "recipe") -> Recipe:

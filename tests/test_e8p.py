@@ -2,6 +2,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -341,3 +342,39 @@ def test_roundtrip_property(m, n, seed, rht, mode):
     assert out.shape == (m, n) and np.all(np.isfinite(out))
     assert qt.streams["codes"].data.shape == (m, (n + 7) // 8)
     assert e8p.relative_error(w, out) < 0.5
+
+
+def test_pipeline_fallback_sends_worst_to_intk():
+    from pgolf_pack.pack.packer import pack_model, unpack_model
+    from pgolf_pack.pipeline import quantize_tensors
+    from pgolf_pack.recipe import recipe_from_dict
+
+    rng = np.random.default_rng(5)
+    tensors = {
+        "a.weight": torch.from_numpy(rng.standard_normal((64, 64)).astype(np.float32)),
+        "const.weight": torch.full((64, 64), 0.02),
+        "b.weight": torch.from_numpy(rng.standard_normal((64, 128)).astype(np.float32)),
+    }
+    base = {"method": "e8p", "ldlq": False, "fallback_bits": 5}
+    rec = recipe_from_dict({"default": {**base, "fallback": 1}, "min_numel": 16})
+    qm = quantize_tensors(tensors, rec)
+    schemes = {t.name: t.scheme for t in qm.tensors}
+    assert schemes == {"a.weight": "e8p", "const.weight": "intk", "b.weight": "e8p"}
+    fb = next(t for t in qm.tensors if t.name == "const.weight")
+    assert fb.params["bits"] == 5 and fb.params["fallback_from"]["method"] == "e8p"
+    assert qm.meta["e8p_fallback"] == ["const.weight"]
+    # The int-k fallback is far closer than the rotated VQ was on this matrix.
+    assert e8p.relative_error(tensors["const.weight"].numpy(), dequantize_float32(fb)) < fb.params["fallback_from"]["rel_error"]
+    back, _ = unpack_model(pack_model(qm, codec="zstd").blob)
+    for t, u in zip(qm.tensors, back.tensors):
+        np.testing.assert_array_equal(dequantize_float32(t), dequantize_float32(u))
+    plain = quantize_tensors(tensors, recipe_from_dict({"default": base, "min_numel": 16}))
+    assert all(t.scheme == "e8p" for t in plain.tensors) and "e8p_fallback" not in plain.meta
+
+
+@pytest.mark.parametrize("bad", [{"fallback": -1}, {"fallback": 1.5}, {"fallback_bits": 9}])
+def test_fallback_settings_are_checked(bad):
+    from pgolf_pack.recipe import recipe_from_dict
+
+    with pytest.raises(PgolfError, match="fallback"):
+        recipe_from_dict({"default": {"method": "e8p", **bad}})
