@@ -77,3 +77,18 @@ def test_budget_that_cannot_be_met(tmp_path):
     r = runner.invoke(app, ["quantize", str(CKPT), "-o", str(tmp_path / "x.pgp"), "--budget", "1000"])
     assert r.exit_code == 1 and r.output.strip().startswith("error:") and "cannot be met" in r.output
     assert not (tmp_path / "x.pgp").exists()
+
+
+def test_sensitivity_measures_every_matrix_on_train_tokens(tmp_path, hessians):
+    out = tmp_path / "sens.json"
+    res = run("sensitivity", CKPT, "--hessians", hessians, "--tokens", TRAIN, "-o", out, "--seqs", 1, "--seq-len", 256, "--json")
+    sens = json.loads(out.read_text())
+    assert res["sensitivity"] == sens and res["tokens"] == 256
+    assert len(sens) == 4 * 6 + 1 and "tok_emb.weight" in sens
+    assert all(0 < v < float("inf") for v in sens.values())
+    again = tmp_path / "again.json"
+    run("sensitivity", CKPT, "--hessians", hessians, "--tokens", TRAIN, "-o", again, "--seqs", 1, "--seq-len", 256)
+    assert json.loads(again.read_text()) == sens  # same seed, same window, same numbers
+    r = runner.invoke(app, ["sensitivity", str(CKPT), "--hessians", str(hessians), "--tokens", TRAIN, "-o",
+                            str(tmp_path / "x.json"), "--seqs", "100000"])
+    assert r.exit_code != 0 and "need" in r.output and not (tmp_path / "x.json").exists()
