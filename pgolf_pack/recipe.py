@@ -32,12 +32,13 @@ import torch
 from .checkpoint import DEFAULT_MIN_NUMEL, is_quantizable
 from .errors import PgolfError
 
-METHODS = ("rtn", "gptq", "e8p", "float", "fp16")
+METHODS = ("rtn", "gptq", "e8p", "ecsq", "trellis", "float", "fp16")
 # Settings a rule may carry. Scheme-specific extras are validated by the method that reads them.
 SPEC_KEYS = {
     "method", "bits", "clip", "sigmas", "group",
     "block_size", "damp", "act_order",
     "rht", "seed", "ldlq", "fallback", "fallback_bits",
+    "delta", "row_mode", "col_beta", "rdoq", "iters", "rate_model", "coding",
     "lqer_rank", "lqer_bits", "lqer_group", "lqer_weighted",
     "row_bits",
 }

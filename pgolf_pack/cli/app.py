@@ -66,8 +66,9 @@ def print_json(obj) -> None:
 
 
 @contextmanager
-def progress(enabled: bool, total: int, description: str) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar (on stderr, so --json output stays clean); yields an advance callback."""
+def progress(enabled: bool, total: int | None, description: str) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar (on stderr, so --json output stays clean); yields an advance callback.
+    ``total=None`` when the number of steps is not known in advance (a search)."""
     if not enabled:
         yield lambda _name: None
         return

@@ -51,14 +51,16 @@ def render_pack_report(rep: PackReport, title: str) -> None:
 def quantize(
     checkpoint: Path = typer.Argument(..., help="safetensors or torch.save state dict"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact file to write"),
-    method: str = typer.Option("rtn", help="rtn | gptq | e8p (a --recipe overrides)"),
+    method: str = typer.Option("rtn", help="rtn | gptq | e8p (a --recipe overrides) | ecsq | rdoq | trellis "
+                                           "(rate–distortion: needs --budget or --lam)"),
     bits: int = typer.Option(6, min=2, max=8, help="bits for quantized matrices"),
     embed_bits: Optional[int] = typer.Option(None, min=2, max=8, help="bits for embedding tensors (*emb*)"),
     clip: str = typer.Option("sdclip", help="absmax | sdclip | mse"),
     sigmas: Optional[float] = typer.Option(None, help="fixed SDClip width in row std (searched if omitted)"),
     embed_sigmas: Optional[float] = typer.Option(None, help="fixed SDClip width for embeddings"),
     recipe: Optional[Path] = typer.Option(None, help="TOML/JSON recipe mapping tensor globs to schemes"),
-    codec: str = typer.Option("auto", help=f"{' | '.join(CODEC_CHOICES)}"),
+    codec: Optional[str] = typer.Option(None, help=f"{' | '.join(CODEC_CHOICES)} (default: auto; entropy for "
+                                                   "ecsq/rdoq/trellis, whose symbols it models)"),
     group_by: str = typer.Option("role", help="role | tensor | single"),
     hessians: Optional[Path] = typer.Option(None, help="Hessian file from `calibrate` or the capture hooks"),
     min_numel: int = typer.Option(DEFAULT_MIN_NUMEL, help="2-D tensors smaller than this stay in float"),
@@ -70,13 +72,29 @@ def quantize(
     lqer_weighted: str = typer.Option("none", help="none | diag | chol: fit LQER in the Hessian norm (needs --hessians)"),
     row_bits: Optional[str] = typer.Option(None, help="per-row bit tiers for embeddings, e.g. '10%:8,rest:6'"),
     tokens: Optional[str] = typer.Option(None, help="TRAIN token shards: rank embedding rows by token frequency"),
-    budget: Optional[int] = typer.Option(None, help="choose bits per tensor to fit this many bytes (least predicted loss)"),
+    budget: Optional[int] = typer.Option(None, help="fit this many bytes: rtn/gptq choose bits per tensor (least predicted "
+                                                    "loss); ecsq/rdoq/trellis search λ on real packed bytes"),
     save_recipe_to: Optional[Path] = typer.Option(None, "--save-recipe", help="with --budget: where to write the chosen recipe"),
+    lam: Optional[float] = typer.Option(None, "--lam", help="ecsq/rdoq/trellis without --budget: λ, the loss per bit that "
+                                                            "sets every matrix's step (larger = smaller artifact)"),
+    sensitivity: Optional[Path] = typer.Option(None, help="ecsq/rdoq/trellis: JSON of tensor name or glob -> loss "
+                                                          "sensitivity multiplier"),
     json_out: bool = JsonOpt,
 ) -> None:
     """Quantize a checkpoint and pack it into one artifact; prints the per-tensor size table."""
     from ..pipeline import LqerOptions
+    from .quantize_rd import RD_METHODS, check_rd_options, quantize_rd
 
+    rd = method in RD_METHODS
+    check_rd_options(method, rd, lam, sensitivity, {
+        "--recipe": recipe is not None, "--embed-bits": embed_bits is not None, "--sigmas": sigmas is not None,
+        "--embed-sigmas": embed_sigmas is not None, "--lqer-top-k": lqer_top_k > 0, "--lqer-weighted": lqer_weighted != "none",
+        "--row-bits": bool(row_bits), "--tokens": bool(tokens), "--save-recipe": save_recipe_to is not None})
+    if rd:
+        quantize_rd(checkpoint, output, method, budget, lam, hessians, sensitivity, codec or "entropy", group_by, min_numel,
+                    "fp16" if fp16_passthrough else "float", json_out)
+        return
+    codec = codec or "auto"
     rec = load_recipe(recipe) if recipe else simple_recipe(
         method, bits, embed_bits, clip, sigmas, embed_sigmas, min_numel, "fp16" if fp16_passthrough else "float")
     if row_bits:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -23,20 +22,6 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
     if not vals or any(not v > 0 for v in vals):
         raise PgolfError(f"{what} must be positive numbers, got {text!r}")
     return vals
-
-
-def _sensitivity(path: Optional[Path]) -> Optional[dict]:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise PgolfError(f"sensitivity file not found: {path}")
-    try:
-        d = json.loads(path.read_text())
-    except ValueError as e:
-        raise PgolfError(f"cannot parse sensitivity file {path}: {e}") from None
-    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in d.values()):
-        raise PgolfError(f"{path}: expected a JSON object of tensor name or glob -> positive number")
-    return {str(k): float(v) for k, v in d.items()}
 
 
 @analyze_app.command("rd")
@@ -70,7 +55,7 @@ def rd_cmd(
     from ..calib.hessian import load_hessians
     from ..calib.shards import load_tokens
     from ..checkpoint import load_checkpoint
-    from ..quant.allocate import RDConfig
+    from ..quant.allocate import RDConfig, load_sensitivity
 
     names = [p.strip() for p in pipelines.split(",") if p.strip()]
     bad = [p for p in names if p not in PIPELINES]
@@ -93,7 +78,7 @@ def rd_cmd(
 
     rep = rd_curves(sd, hs, counts, toks, str(tokenizer) if tokenizer else None, names, points, max_seqs, seq_len,
                     _floats(widths, "--widths"), _floats(lambdas, "--lambdas"), lambda_span, cfg,
-                    _sensitivity(sensitivity), codec, on_point=show, eval_float=score_float, record_codec=record_codec)
+                    load_sensitivity(sensitivity), codec, on_point=show, eval_float=score_float, record_codec=record_codec)
     if plot is not None:
         plot_rd(rep, plot)
     if json_out:

@@ -23,9 +23,12 @@ the best point at or under the budget and never returns one above it.
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -130,6 +133,24 @@ def _sens_of(name: str, sensitivity: Mapping[str, float] | None) -> float:
         if fnmatch.fnmatchcase(name, pat):
             return float(v)
     return 1.0
+
+
+def load_sensitivity(path: str | os.PathLike | None) -> dict[str, float] | None:
+    """Read a sensitivity file: a JSON object of tensor name or glob -> positive multiplier (the
+    ``sensitivity`` argument of :func:`prepare_model`; ``Sensitivity.to_json`` writes it)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise PgolfError(f"sensitivity file not found: {path}")
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as e:
+        raise PgolfError(f"cannot parse sensitivity file {path}: {e}") from None
+    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                          and math.isfinite(v) for v in d.values()):
+        raise PgolfError(f"{path}: expected a JSON object of tensor name or glob -> positive number")
+    return {str(k): float(v) for k, v in d.items()}
 
 
 def slope_constant(w: np.ndarray, prep: PreparedHessian | None, row_mode: str, col_beta: float) -> float:
@@ -313,6 +334,7 @@ def fit_budget(
     rel_tol: float = 0.002,
     extra_bytes: int = 0,
     on_point: Callable[[BudgetPoint], None] | None = None,
+    grouping: str = "role",
 ) -> BudgetResult:
     """Largest-quality λ whose real packed artifact (+ ``extra_bytes``, e.g. code) fits ``budget``.
 
@@ -328,7 +350,7 @@ def fit_budget(
     def size(lam: float) -> int:
         t0 = time.perf_counter()
         qm = quantize_model_rd(mp, lam)
-        res = pack_model(qm, codec=codec)
+        res = pack_model(qm, codec=codec, grouping=grouping)
         cache[lam] = (qm, res)
         p = BudgetPoint(lam, len(res.blob) + extra_bytes, time.perf_counter() - t0)
         history.append(p)
