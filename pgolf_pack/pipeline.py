@@ -231,6 +231,8 @@ def scheme_label(qt: QuantizedTensor) -> str:
         label += f" {p['sigmas']:.2f}σ"
     elif p.get("clip"):
         label += f" {p['clip']}"
+    if p.get("rdoq"):
+        label += "+rdoq"
     if "lqer" in p:
         label += f" +lqer r{p['lqer']['rank']}"
     return label

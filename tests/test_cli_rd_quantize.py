@@ -94,7 +94,10 @@ def test_fixed_lambda_prints_the_table(tmp_path, model):
         p = tmp_path / f"r{lam}.pgp"
         r = run("quantize", ckpt, "-o", p, "--method", "rdoq", "--hessians", hpath, "--lam", lam, "--codec", "zstd", "--json")
         assert r.exit_code == 0, r.output
-        sizes.append(json.loads(r.output)["bytes"])
+        out = json.loads(r.output)
+        sizes.append(out["bytes"])
+        quantized = [t for t in out["tensors"] if t["scheme"].startswith("ecsq")]
+        assert quantized and all(t["scheme"] == "ecsq+rdoq" for t in quantized)
     assert sizes[0] > sizes[1]
 
 
@@ -158,7 +161,7 @@ def test_recipe_with_rd_methods(tmp_path, model):
     r = run("quantize", ckpt, "-o", art, "--recipe", rec, "--hessians", hpath, "--codec", "zstd", "--json")
     assert r.exit_code == 0, r.output
     schemes = {t["name"]: t["scheme"] for t in json.loads(r.output)["tensors"]}
-    assert schemes["blocks.0.mlp.fc.weight"] == "trellis" and schemes["blocks.0.attn.c_q.weight"] == "ecsq"
+    assert schemes["blocks.0.mlp.fc.weight"] == "trellis" and schemes["blocks.0.attn.c_q.weight"] == "ecsq+rdoq"
     assert run("verify-roundtrip", art, "--against", ckpt).exit_code == 0
 
 
