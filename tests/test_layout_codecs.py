@@ -252,3 +252,34 @@ def test_unknown_codec():
         codecs.compress("gzip", b"")
     with pytest.raises(PgolfError, match="unknown codec"):
         codecs.codec_params("gzip")
+
+
+def _symbol_group(arr: np.ndarray):
+    from pgolf_pack.pack.packer import Group
+
+    return Group("g:q:|i1", "symbols", [("t", "q")], [arr], int(arr.min()), int(arr.max()))
+
+
+def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
+    from pgolf_pack.pack.packer import _hopeless, _best_layout, encode_group
+
+    rng = np.random.default_rng(3)
+    # Independent symbols whose spread changes from column to column: nothing for a dictionary
+    # coder to find, while the entropy coder's per-column models fit exactly.
+    iid = np.clip(np.round(rng.standard_normal((1100, 1024)) * np.geomspace(0.3, 10, 1024)), -31, 31).astype(np.int8)
+    g = _symbol_group(iid)
+    ent, desc = encode_group(g, "entropy")
+    lay = _best_layout(g).to_dict()
+    assert all(_hopeless({"codec": c, "layout": lay}, g, len(ent)) for c in ("brotli", "zstd", "lzma"))
+    payload, desc = encode_group(g, "auto-fast")
+    assert desc["codec"] == "entropy" and payload == ent
+    # A short sequence repeated across row boundaries: a byte codec's matches win by a mile and
+    # must not be skipped.
+    rep = np.resize(iid.reshape(-1)[:3001], iid.size).reshape(iid.shape)
+    g = _symbol_group(rep)
+    ent, _ = encode_group(g, "entropy")
+    payload, desc = encode_group(g, "auto-fast")
+    assert desc["codec"] != "entropy" and len(payload) < len(ent) / 10
+    # Small groups are never sampled: every codec runs.
+    small = _symbol_group(iid[:64])
+    assert not _hopeless({"codec": "zstd", "layout": _best_layout(small).to_dict()}, small, 1)
