@@ -293,6 +293,10 @@ def test_optimizer_spends_bytes_where_the_hessian_says(rng):
     H2 = {"a.weight": H["b.weight"], "b.weight": H["a.weight"]}
     _, det2 = optimize_plan(tensors, one_up, hessians=H2, candidates=cands, codec="zstd", base=base)
     assert {c.name: c.spec["bits"] for c in det2.choices} == {"a.weight": 3, "b.weight": 6}
+    # A measured sensitivity 10^4× larger on b outweighs a's 1000× larger Hessian (globs work).
+    _, det3 = optimize_plan(tensors, one_up, hessians=H, candidates=cands, codec="zstd", base=base,
+                            sensitivity={"b.*": 1e4, "a.weight": 1.0})
+    assert {c.name: c.spec["bits"] for c in det3.choices} == {"a.weight": 3, "b.weight": 6}
 
 
 def test_optimizer_impossible_budget_says_by_how_much(state_dict):

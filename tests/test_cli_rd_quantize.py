@@ -134,6 +134,25 @@ def test_rd_only_options_are_refused_elsewhere(tmp_path, model):
                    "--sensitivity applies only to")
 
 
+def test_budget_optimizer_takes_sensitivity(tmp_path, model):
+    ckpt, hpath = model
+    sens = tmp_path / "s.json"
+    sens.write_text(json.dumps({"blocks.*": 1.0, "tok_emb.weight": 1e-9}))
+
+    def plan(*extra):
+        r = run("quantize", ckpt, "-o", tmp_path / "b.pgp", "--method", "gptq", "--hessians", hpath, "--budget", 30000,
+                "--codec", "zstd", "--json", *extra)
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.output)
+        assert out["total_bytes"] <= 30000
+        return {c["name"]: c["spec"]["bits"] for c in out["optimizer"]["choices"]}
+
+    plain, weighted = plan(), plan("--sensitivity", sens)
+    # Told the embedding's error costs (almost) no loss, the plan moves its bits to the blocks.
+    assert weighted["tok_emb.weight"] < plain["tok_emb.weight"]
+    assert sum(weighted.values()) - weighted["tok_emb.weight"] > sum(plain.values()) - plain["tok_emb.weight"]
+
+
 def test_refuses_to_overwrite_the_input(model):
     ckpt, hpath = model
     before = ckpt.read_bytes()

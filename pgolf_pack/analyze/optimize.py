@@ -6,7 +6,11 @@ Objective: the sum over tensors of the predicted loss increase of quantizing it,
   squared error of the layer's output (ΔW = W − Ŵ);
 * for a tensor without a Hessian while others have one: ‖ΔW‖² times the mean per-feature input
   power trace(H)/(count·in_features) of those others (an isotropic-input guess in the same units);
-* without Hessians: ‖ΔW‖².
+* without Hessians: ‖ΔW‖²;
+
+each times the tensor's measured loss multiplier when a sensitivity map is given (``pgolf-pack
+sensitivity``): the Hessian proxy is a per-layer output error, and equal output errors in
+different layers do not cost equal loss.
 
 Bytes: for every candidate scheme the whole model is quantized with it and packed with the real
 packer and codec; each symbol group's payload is split over its tensors by their share of the
@@ -154,7 +158,11 @@ class ErrorModel:
     """Predicted loss increase of replacing W by Ŵ; see the module docstring."""
 
     def __init__(self, hessians: Mapping[str, np.ndarray] | None, counts: Mapping[str, int] | None,
-                 shapes: Mapping[str, tuple]):
+                 shapes: Mapping[str, tuple], sensitivity: Mapping[str, float] | None = None):
+        from ..quant.allocate import sensitivity_of
+
+        # The Hessian proxy alone does not compare across layers; measured multipliers make it loss.
+        self.sens = {name: sensitivity_of(name, sensitivity) for name in shapes}
         self.h: dict[str, np.ndarray] = {}
         powers = []
         for name, H in (hessians or {}).items():
@@ -172,9 +180,10 @@ class ErrorModel:
     def __call__(self, name: str, w: np.ndarray, w_hat: np.ndarray) -> float:
         d = (np.asarray(w, np.float32) - np.asarray(w_hat, np.float32)).reshape(w.shape[0], -1)
         H = self.h.get(name)
+        k = self.sens.get(name, 1.0)
         if H is None:
-            return float(np.square(d, dtype=np.float64).sum()) * self.isotropic
-        return float(((d @ H).astype(np.float64) * d).sum())
+            return k * float(np.square(d, dtype=np.float64).sum()) * self.isotropic
+        return k * float(((d @ H).astype(np.float64) * d).sum())
 
 
 # --- measuring candidates --------------------------------------------------------------------------
@@ -366,6 +375,7 @@ def measure_candidates(
     grouping: str = "role",
     workers: int = 2,
     on_step: Callable[[str], None] | None = None,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> Measurements:
     """Quantize the model with every candidate, pack it with the real packer, score the error."""
     say = on_step or (lambda _msg: None)
@@ -388,7 +398,7 @@ def measure_candidates(
         if not any(_applies(s, n) for s in specs):
             raise PgolfError(f"no candidate applies to tensor {n}")
     passthrough = [store_float(n, t, as_fp16=base.passthrough == "fp16") for n, t in tensors.items() if n not in names]
-    errors = ErrorModel(hessians, hessian_counts, {n: tuple(tensors[n].shape) for n in names})
+    errors = ErrorModel(hessians, hessian_counts, {n: tuple(tensors[n].shape) for n in names}, sensitivity)
 
     cache: dict[tuple[str, int], QuantizedTensor] = {}
     opts: dict[str, list[Option]] = {n: [] for n in names}
@@ -521,6 +531,7 @@ def optimize_plan(
     max_packs: int = 3,
     workers: int = 2,
     on_step: Callable[[str], None] | None = None,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> tuple[Recipe, OptimizeDetails]:
     """Pick a candidate per quantizable tensor, least predicted loss with real bytes ≤ budget.
 
@@ -538,5 +549,5 @@ def optimize_plan(
     if measure_codec is None:
         measure_codec = "entropy" if codec in ("auto", "auto-fast") else codec
     m = measure_candidates(tensors, hessians, candidates, measure_codec, hessian_counts=hessian_counts, base=base,
-                           grouping=grouping, workers=workers, on_step=on_step)
+                           grouping=grouping, workers=workers, on_step=on_step, sensitivity=sensitivity)
     return plan_for_budget(m, budget_bytes, codec, max_packs, on_step)

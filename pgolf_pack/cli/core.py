@@ -77,8 +77,8 @@ def quantize(
     save_recipe_to: Optional[Path] = typer.Option(None, "--save-recipe", help="with --budget: where to write the chosen recipe"),
     lam: Optional[float] = typer.Option(None, "--lam", help="ecsq/rdoq/trellis without --budget: λ, the loss per bit that "
                                                             "sets every matrix's step (larger = smaller artifact)"),
-    sensitivity: Optional[Path] = typer.Option(None, help="ecsq/rdoq/trellis: JSON of tensor name or glob -> loss "
-                                                          "sensitivity multiplier"),
+    sensitivity: Optional[Path] = typer.Option(None, help="JSON of tensor name or glob -> loss sensitivity multiplier "
+                                                          "(`pgolf-pack sensitivity`), for ecsq/rdoq/trellis or --budget"),
     json_out: bool = JsonOpt,
 ) -> None:
     """Quantize a checkpoint and pack it into one artifact; prints the per-tensor size table."""
@@ -86,7 +86,7 @@ def quantize(
     from .quantize_rd import RD_METHODS, check_rd_options, quantize_rd
 
     rd = method in RD_METHODS
-    check_rd_options(method, rd, lam, sensitivity, {
+    check_rd_options(method, rd, lam, sensitivity if budget is None else None, {
         "--recipe": recipe is not None, "--embed-bits": embed_bits is not None, "--sigmas": sigmas is not None,
         "--embed-sigmas": embed_sigmas is not None, "--lqer-top-k": lqer_top_k > 0, "--lqer-weighted": lqer_weighted != "none",
         "--row-bits": bool(row_bits), "--tokens": bool(tokens), "--save-recipe": save_recipe_to is not None})
@@ -114,7 +114,8 @@ def quantize(
         toks = load_tokens(tokens)
         freq = token_counts(toks, int(toks.max()) + 1)
     if budget is not None:
-        _quantize_to_budget(checkpoint, output, rec, budget, method, codec, group_by, H, counts, save_recipe_to, json_out)
+        _quantize_to_budget(checkpoint, output, rec, budget, method, codec, group_by, H, counts, save_recipe_to, json_out,
+                            sensitivity)
         return
     n = len(load_checkpoint(checkpoint))
     with progress(not json_out, n, "quantize") as step:
@@ -126,8 +127,10 @@ def quantize(
         render_pack_report(rep, f"{output}")
 
 
-def _quantize_to_budget(checkpoint, output, rec, budget, method, codec, group_by, H, counts, save_to, json_out) -> None:
+def _quantize_to_budget(checkpoint, output, rec, budget, method, codec, group_by, H, counts, save_to, json_out,
+                        sensitivity=None) -> None:
     from ..analyze.optimize import default_candidates, optimize_plan, save_recipe
+    from ..quant.allocate import load_sensitivity
     from ..fileio import atomic_write_bytes, check_not_input
     from ..pack.packer import unpack_model
     from ..pipeline import report
@@ -136,7 +139,7 @@ def _quantize_to_budget(checkpoint, output, rec, budget, method, codec, group_by
     tensors = load_checkpoint(checkpoint)
     with progress(not json_out, 1, "optimize") as step:
         plan_recipe, det = optimize_plan(tensors, budget, H, default_candidates(method=method), codec, hessian_counts=counts,
-                                         base=rec, grouping=group_by)
+                                         base=rec, grouping=group_by, sensitivity=load_sensitivity(sensitivity))
         step("done")
     atomic_write_bytes(output, det.blob)
     rpath = save_to or output.with_name(output.name + ".recipe.toml")

@@ -30,8 +30,8 @@ def check_rd_options(method: str, rd: bool, lam: Optional[float], sensitivity: O
             raise PgolfError(f"{clash[0]} does not apply to --method {method}: one λ sets every matrix's step "
                              "(use a recipe with method 'ecsq' or 'trellis' for per-tensor settings)")
     elif lam is not None or sensitivity is not None:
-        raise PgolfError(f"--{'lam' if lam is not None else 'sensitivity'} applies only to --method ecsq, rdoq or "
-                         f"trellis, not {method}")
+        raise PgolfError(f"--{'lam' if lam is not None else 'sensitivity'} applies only to --method ecsq, rdoq, "
+                         f"trellis{' or with --budget' if lam is None else ''}, not {method}")
 
 
 def _warn_unmatched(sens: dict[str, float] | None, names: list[str]) -> None:

@@ -124,7 +124,7 @@ class ModelPrep:
         raise KeyError(name)
 
 
-def _sens_of(name: str, sensitivity: Mapping[str, float] | None) -> float:
+def sensitivity_of(name: str, sensitivity: Mapping[str, float] | None) -> float:
     if not sensitivity:
         return 1.0
     if name in sensitivity:
@@ -187,7 +187,7 @@ def prepare_model(
             h = check_hessian(name, hessians[name], w.shape[1]).astype(np.float64) / n
             prep = prepare_hessian(h, cfg.damp, cfg.act_order, name)
         k = slope_constant(w, prep, cfg.row_mode, cfg.col_beta if prep is not None else 0.0)
-        infos.append(TensorInfo(name, w, dtype_name(t.dtype), prep, h, _sens_of(name, sensitivity), k))
+        infos.append(TensorInfo(name, w, dtype_name(t.dtype), prep, h, sensitivity_of(name, sensitivity), k))
     return ModelPrep(infos, passthrough, list(tensors), cfg)
 
 
