@@ -192,3 +192,11 @@ def test_analyze_rd_cli(tmp_path):
     bad = CliRunner().invoke(app, ["analyze", "rd", str(tmp_path / "m.safetensors"), "--hessians", str(tmp_path / "h.safetensors"),
                                    "--pipelines", "record,vq"])
     assert bad.exit_code == 1 and "unknown pipeline" in bad.output
+
+
+def test_margin_wording_has_no_double_sign():
+    from pgolf_pack.cli.rd import _more_or_less
+
+    assert _more_or_less(44.444, ".2f", "fewer", "more", "%") == "44.44% fewer"
+    assert _more_or_less(-1.5, ".2f", "fewer", "more", "%") == "1.50% more"
+    assert _more_or_less(-0.00123, ".5f", "lower", "higher") == "0.00123 higher"

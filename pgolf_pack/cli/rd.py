@@ -24,6 +24,10 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
     return vals
 
 
+def _more_or_less(margin: float, fmt: str, good: str, bad: str, unit: str = "") -> str:
+    return f"{abs(margin):{fmt}}{unit} {good if margin >= 0 else bad}"
+
+
 @analyze_app.command("rd")
 @handle_errors
 def rd_cmd(
@@ -101,9 +105,9 @@ def rd_cmd(
         if name == "reference":
             continue
         at_b = "outside the measured range" if c["bpb_at_ref_bytes"] is None else (
-            f"BPB {c['bpb_at_ref_bytes']:.5f} ({c['bpb_margin']:+.5f} better)")
+            f"BPB {c['bpb_at_ref_bytes']:.5f} ({_more_or_less(c['bpb_margin'], '.5f', 'lower', 'higher')})")
         at_q = "outside the measured range" if c["bytes_at_ref_bpb"] is None else (
-            f"{fmt_int(c['bytes_at_ref_bpb'])} bytes ({c['bytes_margin_pct']:+.2f}% fewer)")
+            f"{fmt_int(c['bytes_at_ref_bpb'])} bytes ({_more_or_less(c['bytes_margin_pct'], '.2f', 'fewer', 'more', '%')})")
         console.print(f"{name}: at the record's {fmt_int(ref['bytes'])} bytes {at_b}; at its BPB {ref['bpb']:.5f} {at_q}")
     if plot is not None:
         console.print(f"wrote {plot}")
