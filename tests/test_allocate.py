@@ -104,6 +104,19 @@ def test_budget_is_never_exceeded(small, frac, method):
         np.testing.assert_array_equal(dequantize_float32(a), dequantize_float32(b))
 
 
+def test_budget_search_stops_once_within_tolerance(small):
+    sd, hs = small
+    mp = prepare_model(sd, hs, RDConfig(method="ecsq"))
+    budget = len(pack_model(quantize_model_rd(mp, lam_at(mp, 0.3)), codec="zstd").blob)
+    res = fit_budget(mp, budget, codec="zstd", max_iter=12, rel_tol=0.05)
+    assert budget * 0.95 <= res.bytes <= budget
+    # Every probe but the last left the best fit outside the tolerance: no pack is wasted.
+    for i in range(1, len(res.history)):
+        fits = [p.bytes for p in res.history[:i] if p.bytes <= budget]
+        assert not fits or budget - max(fits) > 0.05 * budget
+    assert len(res.history) < 12
+
+
 def test_code_bytes_count_against_the_budget(small):
     sd, hs = small
     mp = prepare_model(sd, hs, RDConfig(method="ecsq"))

@@ -64,7 +64,7 @@ def test_budget_is_never_exceeded_and_artifact_verifies(tmp_path, model):
     assert out["artifact"] == str(art) and out["method"] == "ecsq" and out["budget"] == budget
     assert out["bytes"] == out["total_bytes"] == art.stat().st_size <= budget
     # The pick is the largest artifact among the probes that fit, and one of them.
-    assert len(out["history"]) > 1 and any(p["bytes"] > budget for p in out["history"])
+    assert len(out["history"]) > 1
     assert out["bytes"] == max(p["bytes"] for p in out["history"] if p["bytes"] <= budget)
     assert any(p["lambda"] == out["lambda"] and p["bytes"] == out["bytes"] for p in out["history"])
     assert sum(t["bytes"] for t in out["tensors"]) + out["header_bytes"] == out["total_bytes"]

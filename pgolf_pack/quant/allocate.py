@@ -347,6 +347,14 @@ def fit_budget(
     history: list[BudgetPoint] = []
     cache: dict[float, tuple[QuantizedModel, PackResult]] = {}
 
+    def slope() -> float:
+        """Bytes per unit of log2 λ: the secant of the last two probes once there are two."""
+        if len(history) >= 2:
+            a, c = history[-2], history[-1]
+            if a.lam != c.lam and a.bytes != c.bytes:
+                return max((a.bytes - c.bytes) / math.log2(c.lam / a.lam), 1.0)
+        return per_log2
+
     def size(lam: float) -> int:
         t0 = time.perf_counter()
         qm = quantize_model_rd(mp, lam)
@@ -359,36 +367,48 @@ def fit_budget(
         return p.bytes
 
     lam = lam0 if lam0 is not None else _initial_lambda(mp, budget - extra_bytes)
-    lo = hi = None  # lo: largest-bytes infeasible λ (too small); hi: feasible λ
+    # Bytes fall about linearly in log λ (at high rate each factor 4 in λ is one bit per weight),
+    # so steps are sized from that slope, and later from the measured secant, not halved blindly.
+    per_log2 = max(0.5 * sum(t.numel for t in mp.tensors) / 8.0, 1.0)  # bytes per unit of log2 λ
+    aim = budget * (1.0 - 0.5 * rel_tol)
+    lo = hi = None  # lo: infeasible λ (too many bytes); hi: feasible λ
     b = size(lam)
     if b <= budget:
-        hi = lam
+        hi, b_hi = lam, b
         while lo is None and len(history) < max_iter:
-            nxt = hi / 2.0
-            if size(nxt) <= budget:
-                hi = nxt
+            if budget - b_hi <= rel_tol * budget:
+                break
+            nxt = hi / 2.0 ** float(np.clip(1.25 * (aim - b_hi) / slope(), 0.02, 4.0))
+            bn = size(nxt)
+            if bn <= budget:
+                hi, b_hi = nxt, bn
             else:
-                lo = nxt
+                lo, b_lo = nxt, bn
     else:
-        lo = lam
+        lo, b_lo = lam, b
         while hi is None:
             if len(history) >= max_iter + 8:
                 raise PgolfError(f"budget {budget:,} bytes cannot be met: the smallest artifact tried is "
                                  f"{min(p.bytes for p in history):,} bytes ({min(p.bytes for p in history) - budget:,} over)")
-            nxt = lo * 4.0
-            if size(nxt) <= budget:
-                hi = nxt
+            nxt = lo * 2.0 ** float(np.clip(1.25 * (b_lo - aim) / slope(), 0.02, 2.0))
+            bn = size(nxt)
+            if bn <= budget:
+                hi, b_hi = nxt, bn
             else:
-                lo = nxt
+                lo, b_lo = nxt, bn
     while lo is not None and len(history) < max_iter:
-        best = min((p.bytes for p in history if p.bytes <= budget), default=0)
+        best = max((p.bytes for p in history if p.bytes <= budget), default=0)
         if budget - best <= rel_tol * budget:
             break
-        mid = math.sqrt(lo * hi)
-        if size(mid) <= budget:
-            hi = mid
+        # Secant in log λ between the bracket ends, kept inside its middle 80% so it always shrinks.
+        x_lo, x_hi = math.log(lo), math.log(hi)
+        frac = (b_lo - aim) / (b_lo - b_hi) if b_lo != b_hi else 0.5
+        mid = math.exp(x_lo + float(np.clip(frac, 0.1, 0.9)) * (x_hi - x_lo))
+        bm = size(mid)
+        if bm <= budget:
+            hi, b_hi = mid, bm
         else:
-            lo = mid
+            lo, b_lo = mid, bm
     feasible = [p for p in history if p.bytes <= budget]
     pick = max(feasible, key=lambda p: (p.bytes, -p.lam))
     qm, res = cache[pick.lam]
