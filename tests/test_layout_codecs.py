@@ -261,7 +261,7 @@ def _symbol_group(arr: np.ndarray):
 
 
 def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
-    from pgolf_pack.pack.packer import _hopeless, _best_layout, encode_group
+    from pgolf_pack.pack.packer import _best_layout, _hopeless, _laid_out, encode_group
 
     rng = np.random.default_rng(3)
     # Independent symbols whose spread changes from column to column: nothing for a dictionary
@@ -269,8 +269,8 @@ def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
     iid = np.clip(np.round(rng.standard_normal((1100, 1024)) * np.geomspace(0.3, 10, 1024)), -31, 31).astype(np.int8)
     g = _symbol_group(iid)
     ent, desc = encode_group(g, "entropy")
-    lay = _best_layout(g).to_dict()
-    assert all(_hopeless({"codec": c, "layout": lay}, g, len(ent)) for c in ("brotli", "zstd", "lzma"))
+    laid = _laid_out(g, _best_layout(g))
+    assert all(_hopeless(c, laid, len(ent)) for c in ("brotli", "zstd", "lzma"))
     payload, desc = encode_group(g, "auto-fast")
     assert desc["codec"] == "entropy" and payload == ent
     # A short sequence repeated across row boundaries: a byte codec's matches win by a mile and
@@ -282,4 +282,4 @@ def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
     assert desc["codec"] != "entropy" and len(payload) < len(ent) / 10
     # Small groups are never sampled: every codec runs.
     small = _symbol_group(iid[:64])
-    assert not _hopeless({"codec": "zstd", "layout": _best_layout(small).to_dict()}, small, 1)
+    assert not _hopeless("zstd", _laid_out(small, _best_layout(small)), 1)

@@ -134,7 +134,12 @@ def _codec_list(codec: str, kind: str) -> list[str]:
     return [codec]
 
 
-def _encode_with(desc: dict, g: Group) -> bytes:
+def _laid_out(g: Group, lay: Layout) -> bytes:
+    return layout_encode([_as_2d(a) for a in g.arrays], g.lo, lay, g.orders() if lay.rowsort else None)
+
+
+def _encode_with(desc: dict, g: Group, laid: bytes | None = None) -> bytes:
+    """``laid``: the group already in ``desc``'s layout, when the caller has it."""
     codec = desc["codec"]
     if g.kind == "side":
         return codecs.compress(codec, _side_encode(g.arrays, desc.get("shuffle", False)))
@@ -143,12 +148,10 @@ def _encode_with(desc: dict, g: Group) -> bytes:
         from .entropy import entropy_encode
 
         return entropy_encode(arrays, g.lo, g.hi, desc.get("model", "auto"))
-    lay = Layout.from_dict(desc["layout"])
-    return codecs.compress(codec, layout_encode(arrays, g.lo, lay, g.orders() if lay.rowsort else None))
+    return codecs.compress(codec, laid if laid is not None else _laid_out(g, Layout.from_dict(desc["layout"])))
 
 
 def _best_layout(g: Group) -> Layout:
-    arrays = [_as_2d(a) for a in g.arrays]
     cands = candidate_layouts(g.arrays[0].dtype.str, g.lo, g.hi)
     if len(cands) == 1:
         return cands[0]
@@ -156,7 +159,7 @@ def _best_layout(g: Group) -> Layout:
     import zstandard
 
     proxy = zstandard.ZstdCompressor(level=6)
-    sizes = [len(proxy.compress(layout_encode(arrays, g.lo, lay, g.orders() if lay.rowsort else None))) for lay in cands]
+    sizes = [len(proxy.compress(_laid_out(g, lay))) for lay in cands]
     return cands[int(np.argmin(sizes))]
 
 
@@ -169,9 +172,8 @@ _SAMPLE_MIN = 1 << 20
 _SAMPLE_MARGIN = 1.03
 
 
-def _hopeless(desc: dict, g: Group, best: int) -> bool:
-    lay = Layout.from_dict(desc["layout"])
-    data = layout_encode([_as_2d(a) for a in g.arrays], g.lo, lay, g.orders() if lay.rowsort else None)
+def _hopeless(codec: str, data: bytes, best: int) -> bool:
+    """Whether ``codec`` on the laid-out group ``data`` is clearly bigger than ``best`` bytes."""
     if len(data) < _SAMPLE_MIN:
         return False
     # Sixteen evenly spaced chunks, an eighth of the data in all: a column-major layout changes
@@ -179,7 +181,7 @@ def _hopeless(desc: dict, g: Group, best: int) -> bool:
     k, n = 16, max(_SAMPLE_MIN // 2, len(data) // 8) // 16
     step = (len(data) - n) // (k - 1)
     sample = b"".join(data[i * step:i * step + n] for i in range(k))
-    est = len(codecs.compress(desc["codec"], sample)) * len(data) / len(sample)
+    est = len(codecs.compress(codec, sample)) * len(data) / len(sample)
     return est > _SAMPLE_MARGIN * best
 
 
@@ -202,10 +204,13 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
                 layout = _best_layout(g)
             options.append({"codec": c, "layout": layout.to_dict()})
     best: tuple[bytes, dict] | None = None
+    laid: bytes | None = None  # every byte codec gets the same layout: encode it once
     for desc in options:
-        if codec == "auto-fast" and best is not None and "layout" in desc and _hopeless(desc, g, len(best[0])):
+        if "layout" in desc and laid is None:
+            laid = _laid_out(g, Layout.from_dict(desc["layout"]))
+        if codec == "auto-fast" and best is not None and "layout" in desc and _hopeless(desc["codec"], laid, len(best[0])):
             continue
-        payload = _encode_with(desc, g)
+        payload = _encode_with(desc, g, laid if "layout" in desc else None)
         if desc["codec"] == "entropy":
             from .entropy import MODELS
 
