@@ -94,24 +94,22 @@ def _apply_e8p_fallbacks(qm: QuantizedModel, specs: dict, tensors, hessians) -> 
     asks for), because which tensors suffer most is only known after all are quantized. The
     error is Hessian-weighted where a Hessian exists, so layers compare on the proxy loss.
     """
-    from .quant.e8p import regularize_hessian, relative_error
+    from .quant.e8p import vq_error
 
     pool = [i for i, t in enumerate(qm.tensors) if t.scheme == "e8p"]
     budget = max((int(specs[qm.tensors[i].name].get("fallback", 0)) for i in pool), default=0)
     if budget <= 0:
         return []
+    hessians = hessians or {}
     errs = []
     for i in pool:
-        name = qm.tensors[i].name
-        w = to_float32(tensors[name])
-        H = hessians.get(name) if hessians is not None else None
-        hr = regularize_hessian(H, specs[name].get("damp", 0.01)) if H is not None else None
-        errs.append((relative_error(w, dequantize_float32(qm.tensors[i]).reshape(w.shape), hr), i))
+        t = qm.tensors[i]
+        errs.append((vq_error(to_float32(tensors[t.name]), t, hessians.get(t.name), specs[t.name].get("damp", 0.01)), i))
     fallen = []
     for err, i in sorted(errs, reverse=True)[:budget]:
         name = qm.tensors[i].name
         spec = specs[name]
-        H = hessians.get(name) if hessians is not None else None
+        H = hessians.get(name)
         sub = {"bits": int(spec.get("fallback_bits", 4)), "clip": spec.get("clip", "sdclip")}
         qt = _method("gptq" if H is not None else "rtn")(name, tensors[name], sub, H)
         qt.params["fallback_from"] = {"method": "e8p", "rel_error": round(float(err), 6)}

@@ -33,7 +33,7 @@ import numpy as np
 import scipy.linalg
 
 from ..errors import ArtifactError, PgolfError
-from .base import QuantizedTensor, Stream, register_scheme
+from .base import QuantizedTensor, Stream, dequantize_float32, register_scheme
 from .hadamard import RHT
 from .rtn import FP16_MAX
 
@@ -521,6 +521,13 @@ def relative_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray | None 
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
+def vq_error(w: np.ndarray, qt: QuantizedTensor, hessian: np.ndarray | None = None, damp: float = 0.01) -> float:
+    """Relative error of quantized ``qt`` against ``w``; Hessian-weighted (regularised as for
+    LDLQ) when a Hessian is given, so tensors of different layers compare on the proxy loss."""
+    hr = regularize_hessian(hessian, damp) if hessian is not None else None
+    return relative_error(w, dequantize_float32(qt).reshape(np.shape(w)), hr)
+
+
 @dataclass
 class VQErrorReport:
     name: str
@@ -549,8 +556,7 @@ def rank_e8p_fallbacks(
     for name, w in items:
         h = hessians.get(name)
         qt = quantize_e8p(name, w, str(np.asarray(w).dtype), hessian=h, **quant_kwargs)
-        hr = regularize_hessian(h, quant_kwargs.get("damp", 0.01)) if h is not None else None
-        reports.append(VQErrorReport(name, relative_error(w, dequantize_e8p(qt), hr), False, qt))
+        reports.append(VQErrorReport(name, vq_error(w, qt, h, quant_kwargs.get("damp", 0.01)), False, qt))
     reports.sort(key=lambda r: -r.rel_err)
     for r in reports[:budget]:
         r.fallback = True
