@@ -86,7 +86,7 @@ def quantize(
     from .quantize_rd import RD_METHODS, check_rd_options, quantize_rd
 
     rd = method in RD_METHODS
-    check_rd_options(method, rd, lam, sensitivity if budget is None else None, {
+    check_rd_options(method, rd, lam, sensitivity, budget, {
         "--recipe": recipe is not None, "--embed-bits": embed_bits is not None, "--sigmas": sigmas is not None,
         "--embed-sigmas": embed_sigmas is not None, "--lqer-top-k": lqer_top_k > 0, "--lqer-weighted": lqer_weighted != "none",
         "--row-bits": bool(row_bits), "--tokens": bool(tokens), "--save-recipe": save_recipe_to is not None})

@@ -21,15 +21,15 @@ _RECIPE_ONLY = ("--recipe", "--embed-bits", "--sigmas", "--embed-sigmas", "--lqe
 
 
 def check_rd_options(method: str, rd: bool, lam: Optional[float], sensitivity: Optional[Path],
-                     given: dict[str, bool]) -> None:
+                     budget: Optional[int], given: dict[str, bool]) -> None:
     """Refuse flag combinations that would be ignored; ``given`` maps a recipe-path flag to
-    whether the user set it."""
+    whether the user set it. The budget optimizer of the other methods also reads --sensitivity."""
     if rd:
         clash = [f for f in _RECIPE_ONLY if given.get(f)]
         if clash:
             raise PgolfError(f"{clash[0]} does not apply to --method {method}: one λ sets every matrix's step "
                              "(use a recipe with method 'ecsq' or 'trellis' for per-tensor settings)")
-    elif lam is not None or sensitivity is not None:
+    elif lam is not None or (sensitivity is not None and budget is None):
         raise PgolfError(f"--{'lam' if lam is not None else 'sensitivity'} applies only to --method ecsq, rdoq, "
                          f"trellis{' or with --budget' if lam is None else ''}, not {method}")
 
