@@ -476,6 +476,24 @@ class Sensitivity:
         return dict(self.tensor)
 
 
+def _scoring_window(tokens: np.ndarray, seqs: int, seq_len: int) -> tuple[torch.Tensor, int]:
+    """The tokens as one flat tensor and how many whole sequences (plus targets) they hold."""
+    toks = torch.as_tensor(np.asarray(tokens).astype(np.int64)).reshape(-1)
+    n_seq = min(int(seqs), (toks.numel() - 1) // seq_len)
+    if n_seq < 1:
+        raise PgolfError(f"need more than {seq_len} tokens to measure sensitivity, got {toks.numel()}")
+    return toks, n_seq
+
+
+def _weight_and_metric(name: str, t: torch.Tensor, hessians: Mapping[str, np.ndarray],
+                       counts: Mapping[str, int] | None) -> tuple[np.ndarray, np.ndarray, PreparedHessian]:
+    """float32 weight, count-normalised Hessian A and its GPTQ preparation (damp 0.01, act-order)."""
+    # A copy: the perturbation measurement writes into model parameters that may share storage.
+    w = to_float32(t).astype(np.float32)
+    a = check_hessian(name, hessians[name], w.shape[1]).astype(np.float64) / max(int((counts or {}).get(name, 1)), 1)
+    return w, a, prepare_hessian(a, 0.01, True, name)
+
+
 def output_gradient_moments(tensors: Mapping[str, torch.Tensor], tokens: np.ndarray, seqs: int = 8,
                             seq_len: int = 1024, batch: int = 2) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Per-output-row mean squared loss gradients of every linear layer of the reference GPT.
@@ -491,10 +509,7 @@ def output_gradient_moments(tensors: Mapping[str, torch.Tensor], tokens: np.ndar
     model = load_model(tensors)
     for p in model.parameters():
         p.requires_grad_(False)
-    toks = torch.as_tensor(np.asarray(tokens).astype(np.int64)).reshape(-1)
-    n_seq = min(int(seqs), (toks.numel() - 1) // seq_len)
-    if n_seq < 1:
-        raise PgolfError(f"need more than {seq_len} tokens to measure sensitivity, got {toks.numel()}")
+    toks, n_seq = _scoring_window(tokens, seqs, seq_len)
     acc: dict[str, torch.Tensor] = {}
     emb = model.tok_emb.weight
     c_acc = torch.zeros(emb.shape, dtype=torch.float64)
@@ -565,9 +580,7 @@ def measure_sensitivity(tensors: Mapping[str, torch.Tensor], hessians: Mapping[s
     for name, t in tensors.items():
         if name not in rows or name not in hessians:
             continue
-        w = to_float32(t).astype(np.float32)
-        a = check_hessian(name, hessians[name], w.shape[1]).astype(np.float64) / max(int((counts or {}).get(name, 1)), 1)
-        prep = prepare_hessian(a, 0.01, True, name)
+        w, a, prep = _weight_and_metric(name, t, hessians, counts)
         grid = make_grid(w, delta, prep, "flat", 1.0)
         dw = (w - ecsq_codes(w, grid, None) * grid.steps()).astype(np.float64)
         d_rows = np.einsum("ij,ij->i", dw @ a, dw)
@@ -602,10 +615,7 @@ def measure_sensitivity_perturb(
 
     model = load_model(tensors)
     params = dict(model.named_parameters())
-    toks = torch.as_tensor(np.asarray(tokens).astype(np.int64)).reshape(-1)
-    n_seq = min(int(seqs), (toks.numel() - 1) // seq_len)
-    if n_seq < 1:
-        raise PgolfError(f"need more than {seq_len} tokens to measure sensitivity, got {toks.numel()}")
+    toks, n_seq = _scoring_window(tokens, seqs, seq_len)
     chunk = toks[: n_seq * seq_len + 1]
     x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
 
@@ -618,9 +628,7 @@ def measure_sensitivity_perturb(
     for name, t in tensors.items():
         if name not in hessians or name not in params or not is_quantizable(t, 1):
             continue
-        w = to_float32(t).astype(np.float32)
-        a = check_hessian(name, hessians[name], w.shape[1]).astype(np.float64) / max(int((counts or {}).get(name, 1)), 1)
-        prep = prepare_hessian(a, 0.01, True, name)
+        w, a, prep = _weight_and_metric(name, t, hessians, counts)
         p = params[name]
         orig = p.detach().clone()
         ratio = 0.0
