@@ -4,13 +4,14 @@ Record-style GPTQ int6/int7 + SDClip packed with per-group lrzip (the #1 record'
 with our coder, against ECSQ / ECSQ+RDOQ / trellis quantization with equal-slope step allocation.
 Encode (quantize + pack) and decode (unpack + dequantize) seconds are measured in the same run.
 
-Tuning belongs on training tokens (``--tune``: a slice at the end of the train shard that the
-64 calibration sequences of /tmp/bench/H64 do not reach); the validation shard is for the final
+Hessians come from `pgolf-pack calibrate` on train tokens (``--hessians``). Tuning belongs on
+training tokens (``--tune``: a slice at the end of the train shard that 64 calibration sequences
+do not reach); the validation shard is for the final
 figures only. Sensitivities for the allocation are measured on a train slice too (``--sens``;
 computed and cached in ``--sens-file`` when missing).
 
-    python benchmarks/bench_rd.py --tune --max-seqs 16 --pipelines record,trellis --json out.json
-    python benchmarks/bench_rd.py --pipelines record,gptq,trellis --widths 1 --lambdas 1e-7,2e-7
+    python benchmarks/bench_rd.py --hessians H.safetensors --tune --max-seqs 16 --pipelines record,trellis --json out.json
+    python benchmarks/bench_rd.py --hessians H.safetensors --pipelines record,gptq,trellis --widths 1 --lambdas 1e-7,2e-7
 """
 
 from __future__ import annotations
@@ -30,18 +31,17 @@ from pgolf_pack.calib.shards import read_shard  # noqa: E402
 from pgolf_pack.checkpoint import load_checkpoint  # noqa: E402
 from pgolf_pack.quant.allocate import RDConfig, measure_sensitivity_perturb  # noqa: E402
 
-BENCH = Path("/work/shared/bench")
+BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
 CKPT = BENCH / "baseline_9x512_sp1024.safetensors"
 TRAIN = BENCH / "pydocs_sp1024_train_000000.bin"
 VAL = BENCH / "pydocs_sp1024_val_000000.bin"
 SP = BENCH / "tokenizer_pydocs_sp1024.model"
-HESS = Path("/tmp/bench/H64.safetensors")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(CKPT))
-    ap.add_argument("--hessians", default=str(HESS))
+    ap.add_argument("--hessians", required=True, help="Hessian file from `pgolf-pack calibrate` (train tokens)")
     ap.add_argument("--tune", action="store_true", help="score on the last --max-seqs sequences of the train shard")
     ap.add_argument("--max-seqs", type=int, default=None)
     ap.add_argument("--pipelines", default="record,gptq,ecsq,rdoq,trellis")
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--row-mode", default="flat", choices=["flat", "std"])
     ap.add_argument("--col-beta", type=float, default=1.0)
     ap.add_argument("--rdoq-gain", type=float, default=1.0)
-    ap.add_argument("--sens-file", default="/tmp/bench/sens_perturb.json")
+    ap.add_argument("--sens-file", default="sens_perturb.json", help="sensitivity cache (JSON), written when missing")
     ap.add_argument("--no-sens", action="store_true", help="allocate on the raw Hessian proxy")
     ap.add_argument("--sens-seqs", type=int, default=4)
     ap.add_argument("--no-float", action="store_true", help="skip scoring the float model")
