@@ -33,7 +33,10 @@ import heapq
 import math
 import os
 import re
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 

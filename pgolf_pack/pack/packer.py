@@ -279,9 +279,20 @@ def pack_model(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
         results = list(ex.map(work, groups))
+    manifest = build_manifest(qm, groups, grouping, [desc for _, desc in results])
+    blob = write_container(manifest, [p for p, _ in results])
+    return PackResult(blob, manifest)
+
+
+def build_manifest(qm: QuantizedModel, groups: list[Group], grouping: str, descs: list[dict]) -> dict:
+    """The manifest for ``qm`` laid out in ``groups``, each encoded as its descriptor says.
+
+    The one place a manifest is assembled: the packer and the byte predictor both call it, so a
+    predicted container differs from the real one only in its payloads.
+    """
     where: dict[tuple[str, str], tuple[int, int]] = {}
     gentries = []
-    for gi, (g, (payload, desc)) in enumerate(zip(groups, results)):
+    for gi, (g, desc) in enumerate(zip(groups, descs)):
         for mi, m in enumerate(g.members):
             where[m] = (gi, mi)
         gentries.append(
@@ -298,9 +309,7 @@ def pack_model(
                               "kind": s.kind, "lo": s.lo, "hi": s.hi}
         tentries.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "scheme": t.scheme,
                          "params": t.params, "streams": streams})
-    manifest = {"format": 1, "grouping": grouping, "tensors": tentries, "groups": gentries, "meta": qm.meta}
-    blob = write_container(manifest, [p for p, _ in results])
-    return PackResult(blob, manifest)
+    return {"format": 1, "grouping": grouping, "tensors": tentries, "groups": gentries, "meta": qm.meta}
 
 
 def _group_members(manifest: dict) -> list[list[tuple[int, str, dict]]]:

@@ -284,23 +284,10 @@ def predict_bytes(qm: QuantizedModel, grouping: str = "role") -> int:
 def _container_like(qm: QuantizedModel, groups, grouping: str, lengths: list[int], descs: list[dict]) -> bytes:
     """A container with the manifest ``pack_model`` would write and zero payloads of the given
     lengths: its size differs from the real one only by how well brotli compresses the CRCs."""
-    from ..pack import codecs
     from ..pack.container import write_container
-    from ..pack.packer import _raw_crc
+    from ..pack.packer import build_manifest
 
-    where = {m: (gi, mi) for gi, g in enumerate(groups) for mi, m in enumerate(g.members)}
-    gentries = [{"name": g.name, "kind": g.kind, "lo": g.lo, "hi": g.hi, "raw_bytes": g.raw_bytes,
-                 "raw_crc32": _raw_crc(g.arrays), **d,
-                 "codec_params": codecs.codec_params(d["codec"]) if d["codec"] != "entropy" else {}}
-                for g, d in zip(groups, descs)]
-    tentries = []
-    for t in qm.tensors:
-        streams = {s: {"group": where[(t.name, s)][0], "index": where[(t.name, s)][1], "shape": list(st.data.shape),
-                       "dtype": st.data.dtype.str, "kind": st.kind, "lo": st.lo, "hi": st.hi} for s, st in t.streams.items()}
-        tentries.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "scheme": t.scheme, "params": t.params,
-                         "streams": streams})
-    manifest = {"format": 1, "grouping": grouping, "tensors": tentries, "groups": gentries, "meta": qm.meta}
-    return write_container(manifest, [bytes(n) for n in lengths])
+    return write_container(build_manifest(qm, groups, grouping, descs), [bytes(n) for n in lengths])
 
 
 # --- budgets ---------------------------------------------------------------------------------------

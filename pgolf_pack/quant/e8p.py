@@ -30,7 +30,6 @@ from itertools import product
 
 import numba
 import numpy as np
-import scipy.linalg
 
 from ..errors import ArtifactError, PgolfError
 from .base import QuantizedTensor, Stream, dequantize_float32, register_scheme
@@ -453,7 +452,10 @@ def quantize_e8p(
     if use_ldlq:
         hr = rot.rotate_hessian(h) if rot is not None else h
         if pad:
-            hr = scipy.linalg.block_diag(hr, np.eye(pad))
+            k = hr.shape[0]
+            padded = np.eye(k + pad, dtype=hr.dtype)
+            padded[:k, :k] = hr
+            hr = padded
         codes = ldlq_round(x, hr)
     else:
         codes = nearest(x.reshape(-1, DIM))[0].reshape(m, -1)
