@@ -21,6 +21,9 @@ import brotli
 from ..errors import ArtifactError
 
 MAGIC = b"PGPK"
+# The artifact format: written in the header byte and as the manifest's "format". Bump it with any
+# change to what a byte means (container, manifest fields, layouts, a codec's buffer format); the
+# golden tests (tests/test_golden_format.py) pin format 1's bytes and fail on an unbumped change.
 FORMAT_VERSION = 1
 _HEAD = struct.Struct("<4sBII")
 

@@ -46,6 +46,7 @@ from .entropy_decode import (  # noqa: F401  (entropy_decode re-exported for cal
     MAGIC,
     MAX_CLASSES,
     MAX_CORE,
+    MAX_STREAM_SPAN,
     MODELS,
     VERSION,
     Core,
@@ -534,6 +535,9 @@ class EntropyModel:
         segsizes = {"col": [cols_seg, cols_seg], "row": [rows_seg, rows_seg]}.get(spec.model, [rows_seg, cols_seg, cols_seg])
         streams += list(zip(spec.side, segsizes))
         made = [_make_stream(x, seg) for x, seg in streams]
+        max_len = max(sum(r for r, _ in self.shapes), sum(c for _, c in self.shapes)) * MAX_CLASSES
+        if any(s.table is not None and len(s.table) - 1 > max(MAX_STREAM_SPAN, 2 * max_len + 2) for s in made):
+            raise ValueError("a side stream is wider than the decoder accepts")
         for s in made:
             _write_stream(bw, s)
         for i, s in enumerate(made):

@@ -45,6 +45,7 @@ MAX_CORE = 1024
 MAX_CLASSES = 3
 # |value| < 2**31 and residuals stay below 2**33, so an escape distance + 1 has at most 34 bits.
 _BUCKETS = 35
+MAX_STREAM_SPAN = 1 << 17
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +226,9 @@ def _read_stream(br: BitReader, max_len: int) -> tuple[int, int, int, int, int, 
     base = br.se()
     length = br.eg()
     span = br.eg()
-    if kind > 2 or length > max_len or span > (1 << 24):
+    # Side values are scale/mean indices (spans below ~2**15 even as deltas) or row indices
+    # (below 2 * max_len as deltas); a wider table is a header asking for memory it cannot need.
+    if kind > 2 or length > max_len or span > max(MAX_STREAM_SPAN, 2 * max_len + 2):
         raise ArtifactError("side information is corrupt (stream header)")
     table = read_table(br, span + 1) if span else None
     if table is not None and not table.any():

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ArtifactError, PgolfError
 from ..quant.base import QuantizedModel, QuantizedTensor, Stream
 from . import codecs
-from .container import crc32, group_payload, header_bytes, read_container, write_container
+from .container import FORMAT_VERSION, crc32, group_payload, header_bytes, read_container, write_container
 from .layout import Layout, candidate_layouts, encoded_size, layout_decode, layout_encode, row_orders
 
 AUTO_MODES = ("auto", "auto-fast")
@@ -313,7 +313,7 @@ def build_manifest(qm: QuantizedModel, groups: list[Group], grouping: str, descs
                               "kind": s.kind, "lo": s.lo, "hi": s.hi}
         tentries.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "scheme": t.scheme,
                          "params": t.params, "streams": streams})
-    return {"format": 1, "grouping": grouping, "tensors": tentries, "groups": gentries, "meta": qm.meta}
+    return {"format": FORMAT_VERSION, "grouping": grouping, "tensors": tentries, "groups": gentries, "meta": qm.meta}
 
 
 def _group_members(manifest: dict) -> list[list[tuple[int, str, dict]]]:
