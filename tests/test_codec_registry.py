@@ -217,3 +217,17 @@ def test_row_sort_permutations_of_more_than_65536_rows(wide_vocab):
     back = decode_group(desc, payload, "symbols", [wide_vocab.shape], ["|i1"], -31, 31)
     np.testing.assert_array_equal(back[0], wide_vocab)
     assert all(not c.rowsort for c in candidate_layouts("|i1", -31, 31, max_rows=wide_vocab.shape[0]))
+
+
+def test_entropy_decode_builds_tables_in_batches():
+    # More distinct column contexts than one batch of tables: the batched decoder must agree.
+    from pgolf_pack.pack import entropy_decode as dec
+    from pgolf_pack.pack.entropy import entropy_encode, fit_model
+
+    rng = np.random.default_rng(8)
+    # Every column its own mean: (scale, mean) keys are nearly all distinct.
+    q = np.clip(np.rint(rng.standard_normal((16, 700)) * 2 + np.linspace(-90, 90, 700)), -127, 127).astype(np.int8)
+    fit = fit_model([q], -127, 127, "col")
+    assert fit.weights.shape[0] > dec._TABLE_BATCH
+    buf = entropy_encode([q], -127, 127, "col")
+    np.testing.assert_array_equal(dec.entropy_decode(buf, [q.shape], ["|i1"], -127, 127)[0], q)

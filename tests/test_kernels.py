@@ -17,7 +17,6 @@ from pgolf_pack.kernels.bitpack import (
     unpack_bits,
     unpack_bits_ref,
 )
-from pgolf_pack.kernels.histogram import symbol_counts, symbol_counts_ref
 from pgolf_pack.kernels.rowsort import l1_chain_order, l1_chain_order_ref
 from pgolf_pack.kernels.shuffle import byte_shuffle, byte_shuffle_ref, byte_unshuffle, byte_unshuffle_ref
 
@@ -145,27 +144,3 @@ def test_l1_chain_rejects_non_matrix():
         l1_chain_order(np.zeros(5, np.int8))
     with pytest.raises(TypeError):
         l1_chain_order(np.zeros((2, 2), np.float32))
-
-
-# --- symbol counts ---------------------------------------------------------------------------------
-
-
-@SETTINGS
-@given(dtype=st.sampled_from(INT_DTYPES), n=st.integers(0, 500), width=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
-def test_symbol_counts_matches_reference(dtype, n, width, seed):
-    info = np.iinfo(dtype)
-    lo = max(int(info.min), -(width // 2))
-    hi = min(int(info.max), lo + width - 1)
-    v = _rng(seed).integers(lo, hi, n, endpoint=True).astype(dtype)
-    counts = symbol_counts(v, lo, hi)
-    assert counts.dtype == np.int64 and counts.size == hi - lo + 1 and counts.sum() == n
-    np.testing.assert_array_equal(counts, symbol_counts_ref(v, lo, hi))
-
-
-def test_symbol_counts_known_and_out_of_range():
-    v = np.array([[-2, 0], [0, 3]], np.int8)
-    assert symbol_counts(v, -2, 3).tolist() == [1, 0, 2, 0, 0, 1]
-    with pytest.raises(ValueError, match="1 symbols lie outside"):
-        symbol_counts(v, -1, 3)
-    with pytest.raises(ValueError):
-        symbol_counts_ref(v, -1, 3)

@@ -33,6 +33,7 @@ from .entropy_tables import (
     dense_codes,
     effective_probs,
     pair_codes,
+    param_tables,
     read_table,
     run_row_prediction,
 )
@@ -46,6 +47,7 @@ MAX_CLASSES = 3
 # |value| < 2**31 and residuals stay below 2**33, so an escape distance + 1 has at most 34 bits.
 _BUCKETS = 35
 MAX_STREAM_SPAN = 1 << 17
+_TABLE_BATCH = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,19 +183,19 @@ def _stream_lengths(spec: _Spec, vshapes: list[tuple[int, int]]) -> list[int]:
     return {"col": [cols, cols], "row": [rows, rows], "rc": [rows, cols, cols], "ref": [rows, cols, cols]}.get(spec.model, [])
 
 
-def _build(spec: _Spec, vshapes: list[tuple[int, int]], core: Core) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per-virtual-tensor context maps (broadcastable) and the (K, n) weight table."""
+def _contexts(spec: _Spec, vshapes: list[tuple[int, int]], core: Core) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray | None]:
+    """Per-virtual-tensor context maps (broadcastable) and what each context's table is made
+    from: (ctx, stored tables (K, n) or None, parametric (s, m) keys (K, 2) or None)."""
     n = core.n
     if not vshapes:
-        return [], np.ones((1, n))
+        return [], np.ones((1, n)), None
     if spec.model == "hist":
-        return [np.full((1, 1), i, np.int64) for i in range(len(vshapes))], np.stack(spec.tables).astype(np.float64)
-    cache = TableCache(spec.param, core.clo, core.chi, core.esc)
+        return [np.full((1, 1), i, np.int64) for i in range(len(vshapes))], np.stack(spec.tables).astype(np.float64), None
     if spec.model in ("col", "row"):
         sizes = [c for _, c in vshapes] if spec.model == "col" else [r for r, _ in vshapes]
         uniq, inv = pair_codes(np.stack([spec.side[0], spec.side[1]], axis=1))
         ctx = [p[None, :] if spec.model == "col" else p[:, None] for p in _split(inv, sizes)]
-        return ctx, cache.weights(uniq)
+        return ctx, None, uniq
     us = _split(spec.side[0], [r for r, _ in vshapes])
     vs = _split(spec.side[1], [c for _, c in vshapes])
     ms = _split(spec.side[2], [c for _, c in vshapes])
@@ -203,8 +205,15 @@ def _build(spec: _Spec, vshapes: list[tuple[int, int]], core: Core) -> tuple[lis
     codes = [((u[:, None] + v[None, :] - s_lo) * m_span + (m - m_lo)[None, :]).ravel() for u, v, m in zip(us, vs, ms)]
     uniq, inv = dense_codes(_cat(codes))
     ctx = [p.reshape(s) for p, s in zip(_split(inv, [r * c for r, c in vshapes]), vshapes)]
-    keys = np.stack([uniq // m_span + s_lo, uniq % m_span + m_lo], axis=1)
-    return ctx, cache.weights(keys)
+    return ctx, None, np.stack([uniq // m_span + s_lo, uniq % m_span + m_lo], axis=1)
+
+
+def _build(spec: _Spec, vshapes: list[tuple[int, int]], core: Core) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-virtual-tensor context maps (broadcastable) and the whole (K, n) weight table."""
+    ctx, tables, keys = _contexts(spec, vshapes, core)
+    if tables is not None:
+        return ctx, tables
+    return ctx, TableCache(spec.param, core.clo, core.chi, core.esc).weights(keys)
 
 
 def _untransform(kind: int, lag: int, anchor: int, d: np.ndarray) -> np.ndarray:
@@ -400,12 +409,18 @@ def _decode_payload(model: str, payload: bytes, shapes: list[tuple], dtypes: lis
     if [len(s) for s in spec.side] != expect:
         raise ArtifactError("side information is corrupt (stream lengths)")
 
-    vctx, weights = _build(spec, vsh, core)
+    vctx, tables, keys = _contexts(spec, vsh, core)
     fc = _flat_ctx(vctx, vsh)
-    k = weights.shape[0]
+    k = len(tables) if tables is not None else len(keys)
     order = _sort_order(fc, k)
     counts = np.bincount(fc, minlength=k) if fc.size else np.zeros(k, np.int64)
-    parts = [dec.cat(weights[j], int(counts[j])) for j in range(k) if counts[j]]
+    parts = []
+    # Tables are built a slice of contexts at a time: a header can name up to one context per
+    # symbol, and all their tables at once would be symbols x alphabet floats.
+    for j0 in range(0, k, _TABLE_BATCH):
+        j1 = min(k, j0 + _TABLE_BATCH)
+        w = tables[j0:j1] if tables is not None else param_tables(spec.param, core.clo, core.chi, core.esc, keys[j0:j1])
+        parts += [dec.cat(w[j - j0], int(counts[j])) for j in range(j0, j1) if counts[j]]
     ys_sorted = _cat(parts)
     v_sorted = ys_sorted + core.clo
     if core.esc:

@@ -120,6 +120,15 @@ class Param:
     m: int = 0
 
 
+def param_tables(param: Param, clo: int, chi: int, esc: bool, keys: np.ndarray) -> np.ndarray:
+    """(K, n) weights for (scale index, mean index) keys (K, 2). Every row depends on its own key
+    only (elementwise IEEE operations), so tables computed in any batches are bit-identical."""
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
+    sig = scale_of(keys[:, 0], param.q)
+    mu = keys[:, 1] / param.m if param.m else np.zeros(len(keys))
+    return family_tables(param.family, sig, mu, clo, chi, esc)
+
+
 class TableCache:
     """Deterministic tables keyed by (scale index, mean index) for one core/escape/param setting."""
 
@@ -132,10 +141,7 @@ class TableCache:
         keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
         missing = [tuple(k) for k in pair_codes(keys)[0].tolist() if tuple(k) not in self._w]
         if missing:
-            mk = np.array(missing, dtype=np.int64)
-            sig = scale_of(mk[:, 0], self.param.q)
-            mu = mk[:, 1] / self.param.m if self.param.m else np.zeros(len(mk))
-            tabs = family_tables(self.param.family, sig, mu, self.clo, self.chi, self.esc)
+            tabs = param_tables(self.param, self.clo, self.chi, self.esc, np.array(missing, dtype=np.int64))
             for k, t in zip(missing, tabs):
                 self._w[k] = t
         return np.stack([self._w[tuple(k)] for k in keys.tolist()])
