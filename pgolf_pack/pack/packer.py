@@ -8,6 +8,7 @@ passthrough, factors) go to small side groups split by item size so byte-shuffle
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -222,12 +223,17 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
 def decoded_size(kind: str, desc: dict, shapes: list[tuple], dtypes: list[str]) -> int:
     """Exact bytes a byte codec must return for this group: the bound its decoder enforces."""
     if kind == "side":
-        return sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in zip(shapes, dtypes))
+        return sum(math.prod(s) * np.dtype(d).itemsize for s, d in zip(shapes, dtypes))
     return encoded_size(_shapes2d(shapes), dtypes, Layout.from_dict(desc["layout"]))
 
 
 def _shapes2d(shapes: list[tuple]) -> list[tuple[int, int]]:
-    return [_as_2d(np.empty(s, dtype=np.uint8)).shape for s in shapes]
+    """The shapes :func:`_as_2d` gives, from the numbers alone (nothing allocated)."""
+    out = []
+    for s in shapes:
+        s = tuple(int(x) for x in s)
+        out.append(s if len(s) == 2 else (1, math.prod(s)) if len(s) <= 1 else (s[0], math.prod(s[1:])))
+    return out
 
 
 def decode_group(desc: dict, payload: bytes, kind: str, shapes: list[tuple], dtypes: list[str], lo: int, hi: int) -> list[np.ndarray]:
