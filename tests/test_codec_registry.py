@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from pgolf_pack.errors import ArtifactError, PgolfError
-from pgolf_pack.pack import codecs
-from pgolf_pack.pack.packer import CODEC_CHOICES, group_choices, pack_model, unpack_model
+from pgolf_pack.pack import codecs, packer
+from pgolf_pack.pack.container import group_payload, read_container
+from pgolf_pack.pack.packer import CODEC_CHOICES, decode_group, group_choices, pack_model, unpack_model
 from pgolf_pack.quant.base import QuantizedModel, QuantizedTensor, Stream
 
 HAS_LRZIP = shutil.which("lrzip") is not None
@@ -173,14 +174,9 @@ def test_a_group_that_inflates_past_its_shapes_is_an_artifact_error():
     q = np.random.default_rng(2).integers(-31, 32, (30, 20)).astype(np.int8)
     for codec in ("zstd", "lzma", "brotli"):
         blob = pack_model(_model(q), codec=codec).blob
-        back, manifest = unpack_model(blob)
-        # The same manifest with a smaller tensor: the payload now holds more than it may.
-        from pgolf_pack.pack.packer import decode_group
-
+        manifest, area = read_container(blob)
         g = manifest["groups"][0]
-        from pgolf_pack.pack.container import group_payload, read_container
-
-        _, area = read_container(blob)
+        # The group's payload decoded against a smaller tensor: it holds more than it may.
         with pytest.raises(ArtifactError, match=f"{codec} payload inflates past"):
             decode_group(g, group_payload(g, area), "symbols", [(10, 20)], ["|i1"], g["lo"], g["hi"])
 
@@ -231,3 +227,36 @@ def test_entropy_decode_builds_tables_in_batches():
     assert fit.weights.shape[0] > dec._TABLE_BATCH
     buf = entropy_encode([q], -127, 127, "col")
     np.testing.assert_array_equal(dec.entropy_decode(buf, [q.shape], ["|i1"], -127, 127)[0], q)
+
+
+@needs_lrzip
+def test_a_failed_group_stops_the_other_groups_lrzip(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    started = threading.Event()
+    real = codecs._wait_lrzip
+
+    def slow(proc, dst, action, max_out):
+        started.set()
+        return real(proc, dst, action, max_out)
+
+    monkeypatch.setattr(codecs, "_wait_lrzip", slow)
+    big = np.random.default_rng(9).integers(-31, 32, (600, 1000)).astype(np.int8)  # ZPAQ: seconds
+    calls: list[str] = []
+    real_encode = packer.encode_group
+
+    def encode(g, codec, fixed=None):
+        if g.kind == "side":  # this group is interrupted while the symbol group's lrzip runs
+            started.wait(30)
+            raise KeyboardInterrupt
+        return real_encode(g, codec, fixed)
+
+    monkeypatch.setattr(packer, "encode_group", encode)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        pack_model(_model(big), codec="lrzip", on_group=calls.append)
+    # The symbol group's lrzip was killed, not waited for: no group finished.
+    assert time.monotonic() - t0 < 20 and calls == []
+    assert not codecs._LIVE and not list(tmp_path.glob("pgolf-lrzip-*"))

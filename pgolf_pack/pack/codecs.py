@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,27 @@ def _lrz_claimed_size(data: bytes) -> int | None:
     return None
 
 
+# Every lrzip this process runs, so an interrupted pack can stop those of the other worker threads.
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def kill_running() -> None:
+    """Kill every lrzip process group this process is running.
+
+    For the thread that sees an interrupt or a failed group: the other worker threads' lrzip
+    would otherwise run to its end (minutes with ZPAQ). Each killed run then fails in its own
+    thread with an ArtifactError and removes its temp dir.
+    """
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -254,11 +276,16 @@ def _run_lrzip(args: tuple[str, ...], data: bytes, action: str, max_out: int | N
             env=env,
             start_new_session=True,
         )
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
         try:
             stdout, stderr = _wait_lrzip(proc, dst, action, max_out)
         except BaseException:
             _kill_group(proc)
             raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
         if proc.returncode != 0 or not dst.exists():
             rc = proc.returncode
             status = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"

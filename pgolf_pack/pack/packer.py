@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -288,7 +288,19 @@ def pack_model(
         return res
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        results = list(ex.map(work, groups))
+        futures = [ex.submit(work, g) for g in groups]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f.done() and f.exception() is not None:
+                    raise f.exception()
+            results = [f.result() for f in futures]
+        except BaseException:
+            # Fail fast: drop the groups not started and kill running external coders, instead
+            # of waiting for every other group to finish (lrzip: minutes).
+            ex.shutdown(wait=False, cancel_futures=True)
+            codecs.kill_running()
+            raise
     manifest = build_manifest(qm, groups, grouping, [desc for _, desc in results])
     blob = write_container(manifest, [p for p, _ in results])
     return PackResult(blob, manifest)
