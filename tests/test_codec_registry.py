@@ -260,3 +260,20 @@ def test_a_failed_group_stops_the_other_groups_lrzip(monkeypatch, tmp_path):
     # The symbol group's lrzip was killed, not waited for: no group finished.
     assert time.monotonic() - t0 < 20 and calls == []
     assert not codecs._LIVE and not list(tmp_path.glob("pgolf-lrzip-*"))
+
+
+def test_a_manifest_bomb_is_refused_before_it_inflates(monkeypatch):
+    import brotli
+
+    from pgolf_pack.pack import container
+
+    monkeypatch.setattr(container, "MAX_MANIFEST_BYTES", 1 << 20)
+    man = brotli.compress(b"[" + b" " * (8 << 20) + b"]", quality=5)
+    blob = container._HEAD.pack(container.MAGIC, container.FORMAT_VERSION, len(man), container.crc32(man)) + man
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArtifactError, match="manifest cannot be decoded: brotli payload inflates past"):
+            read_container(blob)
+        assert tracemalloc.get_traced_memory()[1] < 3 << 20
+    finally:
+        tracemalloc.stop()
