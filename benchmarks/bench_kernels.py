@@ -1,7 +1,7 @@
 """Numba kernels against their numpy references on realistic sizes (after JIT warm-up).
 
 Sizes follow a 17M-parameter Parameter Golf model: 17M int6 symbols for bit packing, byte
-shuffle (as int16) and symbol counts; 1024x512 int8 matrices (embedding, MLP fc) for the row chain.
+shuffle (as int16); 1024x512 int8 matrices (embedding, MLP fc) for the row chain.
 
 Run: python benchmarks/bench_kernels.py [--symbols 17000000] [--repeats 3]
 """
@@ -15,7 +15,6 @@ from typing import Callable
 import numpy as np
 
 from pgolf_pack.kernels.bitpack import pack_bits, pack_bits_ref, unpack_bits, unpack_bits_ref
-from pgolf_pack.kernels.histogram import symbol_counts, symbol_counts_ref
 from pgolf_pack.kernels.rowsort import l1_chain_order, l1_chain_order_ref
 from pgolf_pack.kernels.shuffle import byte_shuffle, byte_shuffle_ref, byte_unshuffle, byte_unshuffle_ref
 
@@ -58,7 +57,6 @@ def main() -> None:
         ("bitpack unpack k=6", f"{n:,} int6", lambda: unpack_bits(packed, 6, n), lambda: unpack_bits_ref(packed, 6, n)),
         ("byte shuffle", f"{n:,} int16", lambda: byte_shuffle(wide, 2), lambda: byte_shuffle_ref(wide, 2)),
         ("byte unshuffle", f"{n:,} int16", lambda: byte_unshuffle(planes, 2), lambda: byte_unshuffle_ref(planes, 2)),
-        ("symbol counts", f"{n:,} int6", lambda: symbol_counts(sym, -31, 31), lambda: symbol_counts_ref(sym, -31, 31)),
         ("L1 row chain", f"{args.rows}x{args.cols} int8", lambda: l1_chain_order(mat), lambda: l1_chain_order_ref(mat)),
     ]
 

@@ -75,7 +75,7 @@ from pgolf_pack.quant.rtn import quantize_rtn  # noqa: E402
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "baseline_9x512_sp1024.safetensors"
 MIN_NUMEL = 65536
 OUR_CODECS = ("brotli", "zstd", "lzma", "lrzip", "entropy")
-# auto's candidate order (packer._codec_list): on a size tie the earlier one is kept.
+# auto's candidate order (the codec registry's order): on a size tie the earlier one is kept.
 AUTO_ORDER = ("entropy", "brotli", "zstd", "lzma", "lrzip")
 WORKERS = 2  # pack_model's default; the record packer also runs its lrzip groups in parallel
 AUTO_FAST_TARGET_S = 60.0
@@ -184,7 +184,7 @@ def record_lrzip(qm: QuantizedModel, sort_all: bool = False) -> dict:
 
     def dec_group(item: tuple[bytes, list[np.ndarray]], arrs: list[np.ndarray]) -> list[np.ndarray]:
         blob, perms = item
-        flat = np.frombuffer(codecs.decompress("lrzip", blob), np.int8)
+        flat = np.frombuffer(codecs.decompress("lrzip", blob, sum(a.size for a in arrs)), np.int8)
         out, pos = [], 0
         for a, p in zip(arrs, perms):
             r, c = a.shape
@@ -383,7 +383,7 @@ def run_config(path: Path, tensors: dict, bits: int, use_lrzip: bool, sort_all: 
             rec = f"{rows['record lrzip']['groups'][role]:>10,} {rows['record lrzip']['group_perm'][role]:>10,}"
         elif use_lrzip:
             rec = f"{rows['record lrzip']['scale_bytes']:>10,} {'':>10}"
-        # auto tries lrzip and entropy on symbol groups only (packer._codec_list).
+        # auto tries lrzip and entropy on symbol groups only (the codec registry's auto flags).
         cand = [i for i, c in enumerate(ours) if g.kind == "symbols" or c in ("brotli", "zstd", "lzma")]
         best = min(cand, key=lambda i: (vals[i], AUTO_ORDER.index(ours[i])))
         pick = _desc_label(per_codec[ours[best]]["groups"][g.name]["desc"])

@@ -1,7 +1,6 @@
 """Numba kernels for the packer; each module also holds the numpy reference it is tested against."""
 
 from .bitpack import pack_bits, packed_size, unpack_bits
-from .histogram import symbol_counts
 from .rowsort import l1_chain_order
 from .shuffle import byte_shuffle, byte_unshuffle
 
@@ -12,5 +11,4 @@ __all__ = [
     "byte_shuffle",
     "byte_unshuffle",
     "l1_chain_order",
-    "symbol_counts",
 ]

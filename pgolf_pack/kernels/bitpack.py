@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-MAX_BITS = 16
+# Up to 32: row permutations of a vocabulary over 65,536 rows need 17+ bits per index. The
+# 64-bit accumulator holds at most 7 + 32 pending bits, so wider symbols would not fit.
+MAX_BITS = 32
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -19,7 +21,7 @@ def packed_size(count: int, bits: int) -> int:
 
 
 def unpacked_dtype(bits: int) -> np.dtype:
-    return np.dtype(np.uint8) if bits <= 8 else np.dtype(np.uint16)
+    return np.dtype(np.uint8) if bits <= 8 else np.dtype(np.uint16) if bits <= 16 else np.dtype(np.uint32)
 
 
 def _check_bits(bits: int) -> None:
@@ -70,15 +72,15 @@ def _unpack_kernel(buf, bits, out):
 
 
 def _as_symbols(values: np.ndarray, bits: int) -> np.ndarray:
-    """A contiguous uint8/uint16 view or copy; other dtypes are range-checked here."""
+    """A contiguous uint8/uint16/uint32 view or copy; other dtypes are range-checked here."""
     v = np.ascontiguousarray(values).reshape(-1)
-    if v.dtype in (np.uint8, np.uint16):
+    if v.dtype in (np.uint8, np.uint16, np.uint32):
         return v
     if v.dtype.kind not in "iu":
         raise TypeError(f"bit packing needs integer symbols, got {v.dtype}")
     if v.size and (v.min() < 0 or v.max() >= (1 << bits)):
         raise ValueError(f"symbols out of range for {bits}-bit packing: [{v.min()}, {v.max()}]")
-    return v.astype(np.uint16)
+    return v.astype(np.uint16 if bits <= 16 else np.uint32)
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
@@ -119,5 +121,5 @@ def unpack_bits_ref(buf: np.ndarray | bytes, bits: int, count: int) -> np.ndarra
     _check_bits(bits)
     b = np.frombuffer(bytes(buf), dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
     planes = np.unpackbits(b, bitorder="little")[: count * bits].reshape(count, bits)
-    weights = np.uint32(1) << np.arange(bits, dtype=np.uint32)
-    return (planes.astype(np.uint32) @ weights).astype(unpacked_dtype(bits))
+    weights = np.uint64(1) << np.arange(bits, dtype=np.uint64)
+    return (planes.astype(np.uint64) @ weights).astype(unpacked_dtype(bits))

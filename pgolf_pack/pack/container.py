@@ -19,10 +19,17 @@ import zlib
 import brotli
 
 from ..errors import ArtifactError
+from .codecs import decompress
 
 MAGIC = b"PGPK"
+# The artifact format: written in the header byte and as the manifest's "format". Bump it with any
+# change to what a byte means (container, manifest fields, layouts, a codec's buffer format); the
+# golden tests (tests/test_golden_format.py) pin format 1's bytes and fail on an unbumped change.
 FORMAT_VERSION = 1
 _HEAD = struct.Struct("<4sBII")
+# A manifest is a few hundred bytes of JSON per tensor; this stops a few bytes of brotli from
+# inflating into gigabytes before anything is checked.
+MAX_MANIFEST_BYTES = 1 << 26
 
 
 def crc32(data: bytes | memoryview) -> int:
@@ -62,8 +69,8 @@ def read_container(blob: bytes) -> tuple[dict, memoryview]:
     if crc32(man) != mcrc:
         raise ArtifactError("artifact manifest is corrupted (checksum mismatch)")
     try:
-        manifest = json.loads(brotli.decompress(man))
-    except (brotli.error, ValueError) as e:
+        manifest = json.loads(decompress("brotli", man, MAX_MANIFEST_BYTES))
+    except (ArtifactError, ValueError) as e:
         raise ArtifactError(f"artifact manifest cannot be decoded: {e}") from None
     payload = memoryview(blob)[start + mlen :]
     end = max((g["offset"] + g["length"] for g in manifest["groups"]), default=0)

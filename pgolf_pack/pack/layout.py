@@ -20,11 +20,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import ArtifactError, PgolfError
-from ..kernels.bitpack import MAX_BITS, pack_bits, packed_size, unpack_bits
+from ..kernels.bitpack import pack_bits, packed_size, unpack_bits
 from ..kernels.rowsort import l1_chain_order
 from ..kernels.shuffle import byte_shuffle, byte_unshuffle
 
 ORDERS = ("row", "col")
+# Symbol bit-packing stays at most 16 bits (format 1); row permutations may use more.
+BITPACK_MAX = 16
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,8 @@ class Layout:
         if self.order not in ORDERS:
             raise PgolfError(f"layout order must be 'row' or 'col', got {self.order!r}")
         if self.bitpack is not None:
-            if isinstance(self.bitpack, bool) or not isinstance(self.bitpack, int) or not 1 <= self.bitpack <= MAX_BITS:
-                raise PgolfError(f"layout bitpack must be an integer in 1..{MAX_BITS} or None, got {self.bitpack!r}")
+            if isinstance(self.bitpack, bool) or not isinstance(self.bitpack, int) or not 1 <= self.bitpack <= BITPACK_MAX:
+                raise PgolfError(f"layout bitpack must be an integer in 1..{BITPACK_MAX} or None, got {self.bitpack!r}")
             if self.shuffle:
                 raise PgolfError("layout cannot both bit-pack and byte-shuffle; pick one")
 
@@ -96,6 +98,16 @@ def perm_section_size(shapes: list[tuple], layout: Layout) -> int:
     if not layout.rowsort:
         return 0
     return sum(packed_size(s[0], perm_bits(s[0])) for s in shapes if s[0] > 1)
+
+
+def encoded_size(shapes: list[tuple], dtypes: list[str], layout: Layout) -> int:
+    """Bytes :func:`layout_encode` writes for arrays of these 2-D shapes and dtypes."""
+    counts = [int(s[0]) * int(s[1]) for s in shapes]
+    if layout.bitpack is not None:
+        body = packed_size(sum(counts), layout.bitpack)
+    else:
+        body = sum(n * np.dtype(d).itemsize for n, d in zip(counts, dtypes))
+    return perm_section_size(shapes, layout) + body
 
 
 def _check_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -196,11 +208,7 @@ def layout_decode(
         raise ValueError(f"layout needs integer dtypes, got {dtypes}")
     raw = np.frombuffer(buf, dtype=np.uint8)
     counts = [r * c for r, c in shapes]
-    if layout.bitpack is not None:
-        body = packed_size(sum(counts), layout.bitpack)
-    else:
-        body = sum(n * d.itemsize for n, d in zip(counts, dts))
-    expected = perm_section_size(shapes, layout) + body
+    expected = encoded_size(shapes, dtypes, layout)
     if raw.size != expected:
         raise ArtifactError(f"layout {layout.name}: expected {expected} bytes, got {raw.size}")
 
@@ -267,12 +275,18 @@ def _decode_bytes(raw: np.ndarray, counts: list[int], dts: list[np.dtype], shuff
     return out
 
 
-def candidate_layouts(dtype: str | np.dtype, lo: int, hi: int) -> list[Layout]:
+# The L1 row chain compares every row with every unused row: quadratic in rows (about 30 s for
+# 70,000 rows on a busy core). Above this many rows in one array it is not offered.
+ROWSORT_MAX_ROWS = 16384
+
+
+def candidate_layouts(dtype: str | np.dtype, lo: int, hi: int, max_rows: int = 0) -> list[Layout]:
     """Layouts worth measuring for a group, most promising first.
 
     Column-major walks, then L1 row sort on top, helped lrzip by 2-7% on int6 symbols (the
     structure is per input feature); bit-packing usually hurts LZ/context-mixing codecs but can
     win for ``raw``/``lzma``, so it is offered whenever the range is narrower than the dtype.
+    ``max_rows``: the most rows of any array in the group (row sort is skipped for huge ones).
     """
     dt = np.dtype(dtype)
     if dt.kind not in "iu":
@@ -281,10 +295,12 @@ def candidate_layouts(dtype: str | np.dtype, lo: int, hi: int) -> list[Layout]:
         raise ValueError(f"empty symbol range [{lo}, {hi}]")
     bits = bits_for_range(lo, hi)
     walks = [Layout("col", rowsort=True), Layout("col"), Layout("row")]
+    if max_rows > ROWSORT_MAX_ROWS:
+        walks = walks[1:]
     out = list(walks)
     if dt.itemsize > 1:
         out += [Layout(w.order, rowsort=w.rowsort, shuffle=True) for w in walks]
-    if bits < 8 * dt.itemsize and bits <= MAX_BITS:
+    if bits < 8 * dt.itemsize and bits <= BITPACK_MAX:
         out += [Layout(w.order, rowsort=w.rowsort, bitpack=bits) for w in walks]
         # A byte per symbol (offset by lo) keeps byte alignment for codecs that want it.
         if bits < 8 < 8 * dt.itemsize:

@@ -8,9 +8,10 @@ passthrough, factors) go to small side groups split by item size so byte-shuffle
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,12 +20,11 @@ import numpy as np
 from ..errors import ArtifactError, PgolfError
 from ..quant.base import QuantizedModel, QuantizedTensor, Stream
 from . import codecs
-from .container import crc32, group_payload, header_bytes, read_container, write_container
-from .layout import Layout, candidate_layouts, layout_decode, layout_encode, row_orders
+from .container import FORMAT_VERSION, crc32, group_payload, header_bytes, read_container, write_container
+from .layout import Layout, candidate_layouts, encoded_size, layout_decode, layout_encode, row_orders
 
-BYTE_CODECS = ("brotli", "zstd", "lzma", "lrzip", "lrzip-lzma", "raw")
-SYMBOL_CODECS = ("entropy",) + BYTE_CODECS
-CODEC_CHOICES = ("auto", "auto-fast") + SYMBOL_CODECS
+AUTO_MODES = ("auto", "auto-fast")
+CODEC_CHOICES = AUTO_MODES + tuple(codecs.CODECS)
 _LAYER_RE = re.compile(r"(^|\.)(blocks|layers|h|layer)\.\d+\.")
 
 
@@ -122,37 +122,42 @@ def _side_decode(buf: bytes, shuffle: bool, shapes: list[tuple], dtypes: list[st
 # --- encoding one group ----------------------------------------------------------------------------
 
 
-def _codec_list(codec: str, kind: str) -> list[str]:
-    if codec in ("auto", "auto-fast"):
-        names = ["entropy", "brotli", "zstd", "lzma"] if kind == "symbols" else ["brotli", "zstd", "lzma"]
-        if codec == "auto" and kind == "symbols" and codecs.available("lrzip"):
-            names.append("lrzip")
-        return names
-    if kind == "side" or (codec == "entropy" and kind == "side"):
-        # Float side data is not symbol-coded; small, so the best general codec is cheap to find.
-        return ["brotli", "zstd", "lzma"] if codec == "entropy" else [codec]
-    return [codec]
+def _candidates(codec: str, kind: str) -> list[codecs.Codec]:
+    """The registered codecs ``codec`` (a name, ``auto`` or ``auto-fast``) tries on a group."""
+    if kind == "side":
+        if codec in AUTO_MODES or codecs.get(codec).takes != "bytes":
+            # Side data is small float bytes: the fast byte codecs find the best cheaply.
+            return [c for c in codecs.CODECS.values() if c.takes == "bytes" and c.auto_fast and c.available()]
+        return [codecs.get(codec)]
+    if codec == "auto":
+        return [c for c in codecs.CODECS.values() if c.auto and c.available()]
+    if codec == "auto-fast":
+        return [c for c in codecs.CODECS.values() if c.auto_fast and c.available()]
+    return [codecs.get(codec)]
 
 
 def _laid_out(g: Group, lay: Layout) -> bytes:
     return layout_encode([_as_2d(a) for a in g.arrays], g.lo, lay, g.orders() if lay.rowsort else None)
 
 
-def _encode_with(desc: dict, g: Group, laid: bytes | None = None) -> bytes:
-    """``laid``: the group already in ``desc``'s layout, when the caller has it."""
-    codec = desc["codec"]
-    if g.kind == "side":
-        return codecs.compress(codec, _side_encode(g.arrays, desc.get("shuffle", False)))
-    arrays = [_as_2d(a) for a in g.arrays]
-    if codec == "entropy":
-        from .entropy import entropy_encode
+def _encode_with(desc: dict, g: Group, laid: bytes | None = None) -> tuple[bytes, dict]:
+    """Encode ``g`` as ``desc`` says; returns the payload and the full descriptor.
 
-        return entropy_encode(arrays, g.lo, g.hi, desc.get("model", "auto"))
-    return codecs.compress(codec, laid if laid is not None else _laid_out(g, Layout.from_dict(desc["layout"])))
+    ``laid``: the group already in ``desc``'s layout, when the caller has it.
+    """
+    c = codecs.get(desc["codec"])
+    if c.takes == "symbols":
+        if g.kind == "side":
+            raise PgolfError(f"codec {c.name} codes symbol groups only, not side group {g.name}")
+        payload, extras = c.encode([_as_2d(a) for a in g.arrays], g.lo, g.hi, desc)
+        return payload, {**desc, **extras}
+    if g.kind == "side":
+        return c.encode(_side_encode(g.arrays, desc.get("shuffle", False))), desc
+    return c.encode(laid if laid is not None else _laid_out(g, Layout.from_dict(desc["layout"]))), desc
 
 
 def _best_layout(g: Group) -> Layout:
-    cands = candidate_layouts(g.arrays[0].dtype.str, g.lo, g.hi)
+    cands = candidate_layouts(g.arrays[0].dtype.str, g.lo, g.hi, max(_as_2d(a).shape[0] for a in g.arrays))
     if len(cands) == 1:
         return cands[0]
     # A fast zstd ranks the layouts; the expensive final codecs then run once, on the winner.
@@ -188,21 +193,19 @@ def _hopeless(codec: str, data: bytes, best: int) -> bool:
 def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes, dict]:
     """Encode one group; returns (payload, descriptor). ``fixed`` replays a recorded choice."""
     if fixed is not None:
-        return _encode_with(fixed, g), dict(fixed)
+        return _encode_with(dict(fixed), g)
     options: list[dict] = []
-    if g.kind == "side":
-        for c in _codec_list(codec, "side"):
+    layout = None
+    for c in _candidates(codec, g.kind):
+        if g.kind == "side":
             for sh in ([False, True] if g.arrays and g.arrays[0].dtype.itemsize > 1 else [False]):
-                options.append({"codec": c, "shuffle": sh})
-    else:
-        layout = None
-        for c in _codec_list(codec, "symbols"):
-            if c == "entropy":
-                options.append({"codec": "entropy"})
-                continue
+                options.append({"codec": c.name, "shuffle": sh})
+        elif c.takes == "symbols":
+            options.append({"codec": c.name})
+        else:
             if layout is None:
                 layout = _best_layout(g)
-            options.append({"codec": c, "layout": layout.to_dict()})
+            options.append({"codec": c.name, "layout": layout.to_dict()})
     best: tuple[bytes, dict] | None = None
     laid: bytes | None = None  # every byte codec gets the same layout: encode it once
     for desc in options:
@@ -210,29 +213,43 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
             laid = _laid_out(g, Layout.from_dict(desc["layout"]))
         if codec == "auto-fast" and best is not None and "layout" in desc and _hopeless(desc["codec"], laid, len(best[0])):
             continue
-        payload = _encode_with(desc, g, laid if "layout" in desc else None)
-        if desc["codec"] == "entropy":
-            from .entropy import MODELS
-
-            # Record which model "auto" picked so a re-pack (verify) fits only that one.
-            desc = {**desc, "model": MODELS[payload[4]]}
+        payload, desc = _encode_with(desc, g, laid if "layout" in desc else None)
         if best is None or len(payload) < len(best[0]):
             best = (payload, desc)
     assert best is not None
     return best
 
 
-def decode_group(desc: dict, payload: bytes, kind: str, shapes: list[tuple], dtypes: list[str], lo: int, hi: int) -> list[np.ndarray]:
-    codec = desc["codec"]
+def decoded_size(kind: str, desc: dict, shapes: list[tuple], dtypes: list[str]) -> int:
+    """Exact bytes a byte codec must return for this group: the bound its decoder enforces."""
     if kind == "side":
-        return _side_decode(codecs.decompress(codec, payload), desc.get("shuffle", False), shapes, dtypes)
-    shapes2d = [_as_2d(np.empty(s, dtype=np.uint8)).shape for s in shapes]
-    if codec == "entropy":
-        from .entropy import entropy_decode
+        return sum(math.prod(s) * np.dtype(d).itemsize for s, d in zip(shapes, dtypes))
+    return encoded_size(_shapes2d(shapes), dtypes, Layout.from_dict(desc["layout"]))
 
-        arrays = entropy_decode(payload, shapes2d, dtypes, lo, hi)
-    else:
-        arrays = layout_decode(codecs.decompress(codec, payload), Layout.from_dict(desc["layout"]), shapes2d, dtypes, lo)
+
+def _shapes2d(shapes: list[tuple]) -> list[tuple[int, int]]:
+    """The shapes :func:`_as_2d` gives, from the numbers alone (nothing allocated)."""
+    out = []
+    for s in shapes:
+        s = tuple(int(x) for x in s)
+        out.append(s if len(s) == 2 else (1, math.prod(s)) if len(s) <= 1 else (s[0], math.prod(s[1:])))
+    return out
+
+
+def decode_group(desc: dict, payload: bytes, kind: str, shapes: list[tuple], dtypes: list[str], lo: int, hi: int) -> list[np.ndarray]:
+    name = desc["codec"]
+    if name not in codecs.CODECS:
+        raise ArtifactError(f"unknown codec {name!r}")
+    c = codecs.CODECS[name]
+    if c.takes == "symbols":
+        if kind == "side":
+            raise ArtifactError(f"codec {name} cannot hold a side group")
+        arrays = c.decode(payload, _shapes2d(shapes), dtypes, lo, hi, desc)
+        return [a.reshape(s) for a, s in zip(arrays, shapes)]
+    raw = c.decode(payload, decoded_size(kind, desc, shapes, dtypes))
+    if kind == "side":
+        return _side_decode(raw, desc.get("shuffle", False), shapes, dtypes)
+    arrays = layout_decode(raw, Layout.from_dict(desc["layout"]), _shapes2d(shapes), dtypes, lo)
     return [a.reshape(s) for a, s in zip(arrays, shapes)]
 
 
@@ -245,18 +262,11 @@ class PackResult:
     manifest: dict
 
 
-def _entropy_params() -> dict:
-    # Decoding depends on constriction's float→fixed-point conversion; record which one encoded.
-    from importlib.metadata import version
-
-    return {"coder": "constriction-ans", "constriction": version("constriction")}
-
-
 def _check_codec(codec: str) -> None:
-    if codec not in CODEC_CHOICES:
-        raise PgolfError(f"unknown codec {codec!r}; choose one of {', '.join(CODEC_CHOICES)}")
-    if codec in ("lrzip", "lrzip-lzma") and not codecs.available("lrzip"):
-        raise PgolfError("lrzip binary not found on PATH; install it (apt-get install lrzip) or pick another codec")
+    if codec not in AUTO_MODES and codec not in codecs.CODECS:
+        raise PgolfError(f"unknown codec {codec!r}; choose one of {', '.join(AUTO_MODES + tuple(codecs.CODECS))}")
+    if codec not in AUTO_MODES and not codecs.get(codec).available():
+        raise PgolfError(codecs.get(codec).missing or f"codec {codec} is not available here")
 
 
 def pack_model(
@@ -278,7 +288,19 @@ def pack_model(
         return res
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        results = list(ex.map(work, groups))
+        futures = [ex.submit(work, g) for g in groups]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f.done() and f.exception() is not None:
+                    raise f.exception()
+            results = [f.result() for f in futures]
+        except BaseException:
+            # Fail fast: drop the groups not started and kill running external coders, instead
+            # of waiting for every other group to finish (lrzip: minutes).
+            ex.shutdown(wait=False, cancel_futures=True)
+            codecs.kill_running()
+            raise
     manifest = build_manifest(qm, groups, grouping, [desc for _, desc in results])
     blob = write_container(manifest, [p for p, _ in results])
     return PackResult(blob, manifest)
@@ -298,7 +320,7 @@ def build_manifest(qm: QuantizedModel, groups: list[Group], grouping: str, descs
         gentries.append(
             {"name": g.name, "kind": g.kind, "lo": g.lo, "hi": g.hi, "raw_bytes": g.raw_bytes,
              "raw_crc32": _raw_crc(g.arrays), **desc,
-             "codec_params": codecs.codec_params(desc["codec"]) if desc["codec"] != "entropy" else _entropy_params()}
+             "codec_params": codecs.codec_params(desc["codec"])}
         )
     tentries = []
     for t in qm.tensors:
@@ -309,7 +331,7 @@ def build_manifest(qm: QuantizedModel, groups: list[Group], grouping: str, descs
                               "kind": s.kind, "lo": s.lo, "hi": s.hi}
         tentries.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "scheme": t.scheme,
                          "params": t.params, "streams": streams})
-    return {"format": 1, "grouping": grouping, "tensors": tentries, "groups": gentries, "meta": qm.meta}
+    return {"format": FORMAT_VERSION, "grouping": grouping, "tensors": tentries, "groups": gentries, "meta": qm.meta}
 
 
 def _group_members(manifest: dict) -> list[list[tuple[int, str, dict]]]:
@@ -355,7 +377,7 @@ def unpack_model(blob: bytes, workers: int = 2) -> tuple[QuantizedModel, dict]:
 
 def group_choices(manifest: dict) -> dict[str, dict]:
     """The recorded (codec, layout) per group, to re-pack byte-identically."""
-    keep = ("codec", "layout", "shuffle", "model")
+    keep = ("codec", "layout", "shuffle") + tuple(f for c in codecs.CODECS.values() for f in c.records)
     return {g["name"]: {k: g[k] for k in keep if k in g} for g in manifest["groups"]}
 
 
