@@ -1,19 +1,18 @@
-"""The importable API behind ``pgolf-pack quantize``: plan → quantize → pack → report."""
+"""Recipe quantization of a state dict, and the per-tensor report of a packed artifact (the
+building blocks of :mod:`pgolf_pack.api`, which runs every quantize path)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
 from . import CAP_BYTES, __version__
-from .checkpoint import check_finite, dtype_name, load_checkpoint, to_float32
+from .checkpoint import check_finite, dtype_name, to_float32
 from .errors import PgolfError
-from .fileio import atomic_write_bytes, check_not_input
-from .pack.packer import attribute_bytes, pack_model
+from .pack.packer import attribute_bytes
 from .quant.base import QuantizedModel, QuantizedTensor, dequantize_float32
 from .quant.passthrough import store_float
 from .quant.rtn import quantize_rtn
@@ -58,6 +57,7 @@ def _method(name: str) -> MethodFn:
 
 
 NEEDS_HESSIAN = {"gptq"}
+ROW_BITS_METHODS = ("rtn", "gptq")  # the int-k schemes that per-row bit tiers refine
 
 
 @dataclass
@@ -68,7 +68,13 @@ class LqerOptions:
     rank: int = 4
     bits: int = 4
     group: int = 64
-    weighted: str | bool = False
+    weighted: str | bool = False  # False, "diag" or "chol": fit the factors in the Hessian norm
+
+    def __post_init__(self) -> None:
+        if self.top_k < 0 or self.rank < 1 or self.group < 1 or not 2 <= self.bits <= 8:
+            raise PgolfError(f"LQER needs top_k >= 0, rank >= 1, bits in 2..8 and group >= 1, got {self}")
+        if self.weighted not in (False, "diag", "chol"):
+            raise PgolfError(f"LQER weighting must be False, 'diag' or 'chol', got {self.weighted!r}")
 
 
 def _row_ranking(name: str, w: np.ndarray, spec: dict, token_freq: np.ndarray | None) -> np.ndarray:
@@ -159,13 +165,20 @@ def quantize_tensors(
         if spec["method"] in NEEDS_HESSIAN and (hessians is None or name not in hessians):
             what = "no Hessian file was given (--hessians)" if hessians is None else "the Hessian file has no entry for it"
             raise PgolfError(f"method {spec['method']} for {name} needs a Hessian, but {what}")
+        # Checked before any tensor is quantized, so a setting that would be ignored costs nothing.
+        if spec.get("row_bits") and spec["method"] not in ROW_BITS_METHODS:
+            raise PgolfError(f"row_bits for {name} applies to methods {', '.join(ROW_BITS_METHODS)}, not {spec['method']}")
+        if spec.get("lqer_rank") and spec.get("lqer_weighted") and hessians is None:
+            raise PgolfError(f"activation-weighted LQER for {name} needs Hessians (--hessians)")
+    if lqer is not None and lqer.top_k > 0 and lqer.weighted and hessians is None:
+        raise PgolfError("activation-weighted LQER needs Hessians (--hessians)")
     out = []
     for name, t in tensors.items():
         spec = specs[name]
         H = hessians.get(name) if hessians is not None else None
         if H is not None and spec["method"] not in ("float", "fp16") and H.shape != (t.shape[1], t.shape[1]):
             raise PgolfError(f"Hessian for {name} has shape {tuple(H.shape)}, expected {(t.shape[1], t.shape[1])}")
-        if spec.get("row_bits") and spec["method"] in ("rtn", "gptq"):
+        if spec.get("row_bits"):
             from .quant.mixed_rows import quantize_mixed_rows
 
             w = to_float32(t)
@@ -224,7 +237,12 @@ def scheme_label(qt: QuantizedTensor) -> str:
     p = qt.params
     if qt.scheme == "float":
         return p.get("stored", qt.dtype)
-    label = f"{p.get('method', qt.scheme)} int{p['bits']}" if "bits" in p else f"{p.get('method', qt.scheme)}"
+    if "row_bits" in p:  # per-row tiers: the plan says more than its widest tier's bits
+        label = f"{p.get('method', qt.scheme)} rows {p['row_bits']}"
+    elif "bits" in p:
+        label = f"{p.get('method', qt.scheme)} int{p['bits']}"
+    else:
+        label = f"{p.get('method', qt.scheme)}"
     if p.get("clip") == "sdclip" and "sigmas" in p:
         label += f" {p['sigmas']:.2f}σ"
     elif p.get("clip"):
@@ -252,23 +270,3 @@ def report(blob: bytes, manifest: dict, qm: QuantizedModel, originals: Mapping[s
         rows.append(TensorRow(qt.name, qt.shape, qt.numel, scheme_label(qt), b, 8.0 * b / max(qt.numel, 1), err))
     groups = [{k: g[k] for k in ("name", "codec", "raw_bytes", "length")} for g in manifest["groups"]]
     return PackReport(rows, head, len(blob), groups=groups)
-
-
-def quantize_file(
-    ckpt: str | Path,
-    out: str | Path,
-    recipe: Recipe,
-    codec: str = "auto",
-    grouping: str = "role",
-    hessians: Mapping[str, np.ndarray] | None = None,
-    on_tensor: Callable[[str], None] | None = None,
-    on_group: Callable[[str], None] | None = None,
-    lqer: LqerOptions | None = None,
-    token_freq: np.ndarray | None = None,
-) -> PackReport:
-    check_not_input(Path(out), Path(ckpt))
-    tensors = load_checkpoint(ckpt)
-    qm = quantize_tensors(tensors, recipe, hessians, on_tensor, lqer, token_freq)
-    res = pack_model(qm, codec=codec, grouping=grouping, on_group=on_group)
-    atomic_write_bytes(out, res.blob)
-    return report(res.blob, res.manifest, qm, tensors)

@@ -34,6 +34,7 @@ import torch
 
 from .checkpoint import DEFAULT_MIN_NUMEL, is_quantizable
 from .errors import PgolfError
+from .quant.rtn import CLIP_RULES
 
 METHODS = ("rtn", "gptq", "e8p", "ecsq", "trellis", "float", "fp16")
 # Settings a rule may carry. Scheme-specific extras are validated by the method that reads them.
@@ -67,6 +68,9 @@ def _check_spec(where: str, spec: Mapping) -> None:
     m = spec.get("method")
     if m is not None and m not in METHODS:
         raise PgolfError(f"{where}: unknown method {m!r}; choose one of {', '.join(METHODS)}")
+    clip = spec.get("clip")
+    if clip is not None and clip not in CLIP_RULES:
+        raise PgolfError(f"{where}: unknown clip {clip!r}; choose one of {', '.join(CLIP_RULES)}")
     if spec.get("row_bits") is not None:
         from .quant.mixed_rows import parse_row_bits
 

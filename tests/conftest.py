@@ -1,7 +1,44 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+# The bundled example: a small GPT really trained on English text, with its tokenizer and shards.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EX_CKPT = EXAMPLES / "tiny_gpt.safetensors"
+EX_TRAIN = str(EXAMPLES / "tiny_train_*.bin")
+EX_VAL = str(EXAMPLES / "tiny_val_*.bin")
+EX_TOKENIZER = EXAMPLES / "tiny_sp512.model"
+EX_RECIPE_1855 = EXAMPLES / "recipes" / "record_1855.toml"
+
+_runner = CliRunner()
+
+
+def cli(*args):
+    """Run ``pgolf-pack ARGS`` in-process; returns typer's Result (exit_code, output)."""
+    from pgolf_pack.cli import app
+
+    return _runner.invoke(app, [str(a) for a in args])
+
+
+def cli_ok(*args):
+    """Run a command that must succeed; its parsed JSON when ``--json`` is given, else its output."""
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output) if "--json" in args else r.output
+
+
+def one_line_error(r, text=""):
+    """A user error: exit code 1, exactly one ``error: ...`` line containing ``text``, no traceback."""
+    assert r.exit_code == 1, (r.exit_code, r.output)
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    lines = [x for x in r.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert text in lines[0], lines[0]
 
 
 def make_state_dict(seed: int = 0, layers: int = 2, dim: int = 64, vocab: int = 256) -> dict[str, torch.Tensor]:

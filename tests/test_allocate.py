@@ -1,4 +1,4 @@
-"""Equal-slope allocation, the rate model and budgets met on real packed bytes.
+"""Equal-slope allocation (the byte predictor and the λ search: tests/test_rd_search.py).
 
 Run: python -m pytest -q tests/test_allocate.py
 """
@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from conftest import make_state_dict
 from pgolf_pack.errors import PgolfError
-from pgolf_pack.pack.packer import group_choices, pack_model, unpack_model
+from pgolf_pack.pack.packer import pack_model
 from pgolf_pack.quant.allocate import (
     SLOPE,
     RDConfig,
     allocate_steps,
-    fit_budget,
-    predict_bytes,
     prepare_model,
     proxy_error,
     quantize_model_rd,
     step_for,
 )
-from pgolf_pack.quant.base import dequantize_float32
 
 
 def hessians_for(sd, seed=0):
@@ -72,64 +67,6 @@ def test_larger_lambda_means_fewer_bytes_and_more_error(small):
         errs.append(sum(proxy_error(mp, qm).values()))
     assert sizes[0] > sizes[1] > sizes[2]
     assert errs[0] < errs[1] < errs[2]
-
-
-@pytest.mark.parametrize("cfg", [RDConfig(method="ecsq", row_mode="std", col_beta=0.0), RDConfig(method="rdoq"),
-                                 RDConfig(method="trellis"), RDConfig(method="trellis", trellis_coding="split")],
-                         ids=["ecsq", "rdoq", "trellis", "trellis-split"])
-def test_rate_model_predicts_coded_bytes(small, cfg):
-    sd, hs = small
-    mp = prepare_model(sd, hs, cfg)
-    qm = quantize_model_rd(mp, lam_at(mp, 0.35))
-    real = len(pack_model(qm, codec="entropy").blob)
-    pred = predict_bytes(qm)
-    assert abs(pred - real) <= 0.005 * real, (pred, real)
-
-
-@settings(max_examples=5, deadline=None)
-@given(frac=st.floats(0.45, 0.95), method=st.sampled_from(["ecsq", "rdoq", "trellis"]))
-def test_budget_is_never_exceeded(small, frac, method):
-    sd, hs = small
-    mp = prepare_model(sd, hs, RDConfig(method=method))
-    top = len(pack_model(quantize_model_rd(mp, lam_at(mp, 0.15)), codec="zstd").blob)
-    budget = int(frac * top)
-    # zstd keeps this fast; the search only ever sees real packed bytes, whatever the codec.
-    res = fit_budget(mp, budget, codec="zstd", max_iter=7)
-    assert res.bytes <= budget
-    assert all(p.bytes <= budget for p in res.history if p.lam == res.lam)
-    assert res.bytes == max(p.bytes for p in res.history if p.bytes <= budget)
-    back, manifest = unpack_model(res.pack.blob)
-    assert pack_model(back, codec="zstd", choices=group_choices(manifest)).blob == res.pack.blob
-    for a, b in zip(res.qm.tensors, back.tensors):
-        np.testing.assert_array_equal(dequantize_float32(a), dequantize_float32(b))
-
-
-def test_budget_search_stops_once_within_tolerance(small):
-    sd, hs = small
-    mp = prepare_model(sd, hs, RDConfig(method="ecsq"))
-    budget = len(pack_model(quantize_model_rd(mp, lam_at(mp, 0.3)), codec="zstd").blob)
-    res = fit_budget(mp, budget, codec="zstd", max_iter=12, rel_tol=0.05)
-    assert budget * 0.95 <= res.bytes <= budget
-    # Every probe but the last left the best fit outside the tolerance: no pack is wasted.
-    for i in range(1, len(res.history)):
-        fits = [p.bytes for p in res.history[:i] if p.bytes <= budget]
-        assert not fits or budget - max(fits) > 0.05 * budget
-    assert len(res.history) < 12
-
-
-def test_code_bytes_count_against_the_budget(small):
-    sd, hs = small
-    mp = prepare_model(sd, hs, RDConfig(method="ecsq"))
-    budget = len(pack_model(quantize_model_rd(mp, lam_at(mp, 0.3)), codec="zstd").blob)
-    res = fit_budget(mp, budget, codec="zstd", extra_bytes=5000, max_iter=6)
-    assert res.bytes + 5000 <= budget
-
-
-def test_unmeetable_budget_says_by_how_much(small):
-    sd, hs = small
-    mp = prepare_model(sd, hs, RDConfig(method="ecsq"))
-    with pytest.raises(PgolfError, match="cannot be met"):
-        fit_budget(mp, 2000, codec="zstd", max_iter=3)  # float tensors alone are larger
 
 
 def test_without_hessians_column_steps_are_off(small):

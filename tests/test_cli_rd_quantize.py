@@ -11,27 +11,12 @@ import json
 import numpy as np
 import pytest
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from conftest import make_state_dict
+from conftest import cli as run
+from conftest import make_state_dict, one_line_error
 from pgolf_pack.calib.hessian import save_hessians
-from pgolf_pack.cli import app
 from pgolf_pack.errors import PgolfError
 from pgolf_pack.recipe import recipe_from_dict
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, text):
-    assert r.exit_code == 1, r.output
-    assert "Traceback" not in r.output
-    lines = [x for x in r.output.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    assert text in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +99,22 @@ def test_impossible_budget_fails_cleanly(tmp_path, model):
     ((), "needs --budget BYTES"),
     (("--budget", 20_000, "--lam", 0.1), "not both"),
     (("--lam", 0), "--lam must be a positive number"),
+    (("--budget", 0), "--budget must be a positive number of bytes"),
     (("--lam", 0.1, "--recipe", "r.toml"), "--recipe does not apply"),
     (("--lam", 0.1, "--embed-bits", 8), "--embed-bits does not apply"),
+    (("--lam", 0.1, "--bits", 4), "--bits does not apply to --method ecsq"),
+    (("--lam", 0.1, "--clip", "mse"), "--clip does not apply to --method ecsq"),
+    (("--lam", 0.1, "--sigmas", 12.0), "--sigmas does not apply"),
+    (("--lam", 0.1, "--embed-sigmas", 12.0), "--embed-sigmas does not apply"),
+    (("--lam", 0.1, "--lqer-top-k", 2), "--lqer-top-k does not apply"),
+    (("--lam", 0.1, "--lqer-rank", 2), "--lqer-rank does not apply"),
+    (("--lam", 0.1, "--lqer-bits", 3), "--lqer-bits does not apply"),
+    (("--lam", 0.1, "--lqer-group", 32), "--lqer-group does not apply"),
+    (("--lam", 0.1, "--lqer-weighted", "chol"), "--lqer-weighted does not apply"),
+    (("--lam", 0.1, "--row-bits", "10%:8,rest:6"), "--row-bits does not apply"),
+    (("--lam", 0.1, "--tokens", "t_*.bin"), "--tokens does not apply"),
+    (("--budget", 20_000, "--save-recipe", "r.toml"), "--save-recipe does not apply"),
+    (("--lam", 0.1, "--group-by", "layer"), "unknown grouping"),
     (("--lam", 0.1, "--codec", "nope"), "unknown codec"),
     (("--lam", 0.1, "--sensitivity", "missing.json"), "sensitivity file not found"),
 ])
@@ -124,7 +123,7 @@ def test_rd_option_errors(tmp_path, model, args, text):
     art = tmp_path / "x.pgp"
     r = run("quantize", ckpt, "-o", art, "--method", "ecsq", *args)
     one_line_error(r, text)
-    assert not art.exists()
+    assert not art.exists() and not list(tmp_path.iterdir())
 
 
 def test_rd_only_options_are_refused_elsewhere(tmp_path, model):
@@ -189,10 +188,3 @@ def test_recipe_keys():
                       "rule": [{"match": "x", "method": "e8p", "fallback": 2, "fallback_bits": 5}]})
     with pytest.raises(PgolfError, match="unknown method 'rdoq'"):
         recipe_from_dict({"default": {"method": "rdoq"}})
-
-
-def test_rd_method_list_matches_the_allocator():
-    from pgolf_pack.cli.quantize_rd import RD_METHODS
-    from pgolf_pack.quant.allocate import METHODS
-
-    assert RD_METHODS == METHODS

@@ -137,16 +137,21 @@ def recipe_to_toml(recipe: Recipe, comment: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_recipe(recipe: Recipe, path: str | os.PathLike, comment: str | None = None) -> None:
-    """Write ``recipe`` as an editable TOML file (atomically), checked to read back identically."""
+def recipe_text(recipe: Recipe, comment: str | None = None, where: str | os.PathLike = "recipe") -> str:
+    """``recipe`` as editable TOML text, checked to read back identically (``where`` names it in errors)."""
     text = recipe_to_toml(recipe, comment)
-    back = recipe_from_dict(tomllib.loads(text), str(path))
+    back = recipe_from_dict(tomllib.loads(text), str(where))
     want = recipe.to_dict()
     want["rule"] = [_public(r) for r in want["rule"]]
     want["default"] = _public(want["default"])
     if back.to_dict() != want:
-        raise PgolfError(f"internal error: recipe TOML for {path} does not read back identically")
-    atomic_write_bytes(path, text.encode())
+        raise PgolfError(f"internal error: recipe TOML for {where} does not read back identically")
+    return text
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike, comment: str | None = None) -> None:
+    """Write ``recipe`` as an editable TOML file (atomically), checked to read back identically."""
+    atomic_write_bytes(path, recipe_text(recipe, comment, path).encode())
 
 
 def _exact_glob(name: str) -> str:
@@ -457,10 +462,11 @@ def plan_for_budget(
     max_packs: int = 3,
     on_step: Callable[[str], None] | None = None,
 ) -> tuple[Recipe, OptimizeDetails]:
-    """Solve the measured candidates for ``budget_bytes``; verify (and repair) with real packs."""
+    """Solve the measured candidates for ``budget_bytes``; verify (and repair) with real packs.
+
+    The budget is validated by the quantize API (``pgolf_pack.api``); a non-positive one here is
+    simply one that cannot be met."""
     say = on_step or (lambda _msg: None)
-    if budget_bytes <= 0:
-        raise PgolfError(f"budget must be a positive number of bytes, got {budget_bytes}")
     names, hulls = m.names, m.hulls
     min_pos = {n: 0 for n in names}
     smallest = m.predicted(min_pos) + m.header
@@ -547,8 +553,6 @@ def optimize_plan(
     them) per group, so entropy-coded bytes bound theirs from above at a fraction of the time; the
     full packs that verify the plan use ``codec`` itself.
     """
-    if budget_bytes <= 0:
-        raise PgolfError(f"budget must be a positive number of bytes, got {budget_bytes}")
     if measure_codec is None:
         measure_codec = "entropy" if codec in ("auto", "auto-fast") else codec
     m = measure_candidates(tensors, hessians, candidates, measure_codec, hessian_counts=hessian_counts, base=base,

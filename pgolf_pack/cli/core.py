@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -9,41 +10,82 @@ import typer
 from rich.table import Table
 
 from .. import CAP_BYTES
-from ..checkpoint import DEFAULT_MIN_NUMEL, load_checkpoint
+from ..analyze.optimize import default_candidates
+from ..api import RD_METHODS, BitBudgetPlan, RDConfig, RDPlan, RecipePlan, quantize_file
+from ..checkpoint import DEFAULT_MIN_NUMEL
 from ..errors import PgolfError
+from ..fileio import check_not_input
 from ..pack.container import read_container
 from ..pack.packer import CODEC_CHOICES
-from ..pipeline import PackReport, quantize_file
-from ..recipe import load_recipe, simple_recipe
+from ..pipeline import LqerOptions
+from ..recipe import EMBED_GLOB, load_recipe, recipe_from_dict, simple_recipe
 from ..verify import read_artifact, unpack_file, verify_roundtrip
-from .app import JsonOpt, app, console, fmt_int, handle_errors, print_json, progress
+from .app import JsonOpt, app, console, fmt_int, handle_errors, print_json
+from .render import StageProgress, render_quantize, warn
+
+# Options that only some paths read. Each path lists what it reads; any other given option is
+# refused with one line saying why, so no option is ever silently ignored.
+_RD_READS = {"--method", "--codec", "--group-by", "--hessians", "--min-numel", "--fp16-passthrough", "--budget", "--lam",
+             "--sensitivity"}
+_BUDGET_READS = {"--method", "--clip", "--codec", "--group-by", "--hessians", "--min-numel", "--fp16-passthrough",
+                 "--budget", "--save-recipe", "--sensitivity"}
+_LQER_DETAIL = ("--lqer-rank", "--lqer-bits", "--lqer-group", "--lqer-weighted")
+_SCHEME_FLAGS = ("--method", "--bits", "--embed-bits", "--clip", "--sigmas", "--embed-sigmas", "--min-numel",
+                 "--fp16-passthrough")
+_INT_SCHEME_FLAGS = ("--bits", "--embed-bits", "--clip", "--sigmas", "--embed-sigmas")
 
 
-def load_hessian_file(path: Optional[Path], with_counts: bool = False):
-    if path is None:
-        return (None, None) if with_counts else None
-    from ..calib.hessian import load_hessians
-
-    H, counts = load_hessians(path)
-    return (H, counts) if with_counts else H
-
-
-def render_pack_report(rep: PackReport, title: str) -> None:
-    t = Table(title=title)
-    for col, just in [("tensor", "left"), ("params", "right"), ("scheme", "left"), ("bytes", "right"),
-                      ("bits/param", "right"), ("rel. error", "right")]:
-        t.add_column(col, justify=just)
-    for r in rep.rows:
-        err = "" if r.rel_error != r.rel_error else f"{r.rel_error:.4f}"
-        t.add_row(r.name, fmt_int(r.params), r.scheme, fmt_int(r.bytes), f"{r.bits_per_param:.3f}", err)
-    t.add_row("(header + manifest)", "", "", fmt_int(rep.header_bytes), "", "")
-    total_params = sum(r.params for r in rep.rows)
-    t.add_section()
-    t.add_row("total", fmt_int(total_params), "", fmt_int(rep.total_bytes), f"{8 * rep.total_bytes / max(total_params, 1):.3f}", "")
-    console.print(t)
-    verdict = "fits" if rep.margin >= 0 else "OVER"
-    console.print(f"artifact {fmt_int(rep.total_bytes)} bytes vs cap {fmt_int(rep.cap)}: {verdict}, margin "
-                  f"{fmt_int(rep.margin)} bytes (code bytes not included; see `analyze budget`)")
+def refuse_ignored(method: str, given: dict[str, bool], clip: str, recipe: bool, budget: bool, lqer_top_k: int) -> None:
+    """Raise for the first given option the chosen path would not read (``given``: flag -> set)."""
+    used = [f for f, on in given.items() if on]
+    if method in RD_METHODS:
+        for f in used:
+            if f not in _RD_READS:
+                raise PgolfError(f"{f} does not apply to --method {method}: one λ sets every matrix's step (use a recipe "
+                                 "with method 'ecsq' or 'trellis' for per-tensor settings)")
+        return
+    if given["--lam"]:
+        raise PgolfError(f"--lam applies only to --method {', '.join(RD_METHODS[:-1])} or {RD_METHODS[-1]}, not {method}")
+    if given["--sensitivity"] and not budget:
+        raise PgolfError(f"--sensitivity applies only to --method {', '.join(RD_METHODS)} or with --budget, not {method}")
+    if budget:
+        if method not in ("rtn", "gptq"):
+            raise PgolfError(f"--budget with --method {method}: there are no bit widths to choose; budgets apply to "
+                             f"rtn and gptq (bits per tensor) and to {', '.join(RD_METHODS)} (λ)")
+        why = {"--bits": "the optimizer chooses the bits (int2..int8) per tensor",
+               "--embed-bits": "the optimizer chooses the embedding's bits too",
+               "--sigmas": "the optimizer searches each candidate's clip width",
+               "--embed-sigmas": "the optimizer searches each candidate's clip width",
+               "--recipe": "the optimizer writes the recipe (see --save-recipe); re-run it with --recipe alone",
+               "--lqer-top-k": "LQER factors would add bytes the optimizer never measured",
+               "--row-bits": "per-row tiers are not among the optimizer's candidates",
+               "--tokens": "token frequencies only rank rows for --row-bits"}
+        for f in used:
+            if f not in _BUDGET_READS:
+                raise PgolfError(f"{f} does not apply with --budget: {why.get(f, 'the optimizer does not read it')}")
+        return
+    if given["--save-recipe"]:
+        raise PgolfError("--save-recipe applies only with --budget (the optimizer's plan); a recipe run has its recipe")
+    if recipe:
+        for f in _SCHEME_FLAGS:
+            if given[f]:
+                raise PgolfError(f"{f} does not apply with --recipe: the recipe sets every tensor's scheme (edit it instead)")
+    elif method in ("e8p", "float", "fp16"):
+        what = ("E8P codes every matrix at 2 bits/weight with its own scales" if method == "e8p"
+                else "the tensors are stored unquantized")
+        for f in (*_INT_SCHEME_FLAGS, "--row-bits"):
+            if given[f]:
+                raise PgolfError(f"{f} does not apply to --method {method}: {what}")
+    if given["--embed-bits"] and given["--row-bits"]:
+        raise PgolfError("--embed-bits does not apply with --row-bits: the row tiers set the embedding's bits")
+    if clip != "sdclip":
+        for f in ("--sigmas", "--embed-sigmas"):
+            if given[f]:
+                raise PgolfError(f"{f} applies only to --clip sdclip (a fixed width in row std), not {clip}")
+    if lqer_top_k == 0:
+        for f in _LQER_DETAIL:
+            if given[f]:
+                raise PgolfError(f"{f} applies only with --lqer-top-k K > 0 (the tensors that get LQER factors)")
 
 
 @app.command()
@@ -51,11 +93,11 @@ def render_pack_report(rep: PackReport, title: str) -> None:
 def quantize(
     checkpoint: Path = typer.Argument(..., help="safetensors or torch.save state dict"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact file to write"),
-    method: str = typer.Option("rtn", help="rtn | gptq | e8p (a --recipe overrides) | ecsq | rdoq | trellis "
-                                           "(rate–distortion: needs --budget or --lam)"),
-    bits: int = typer.Option(6, min=2, max=8, help="bits for quantized matrices"),
+    method: Optional[str] = typer.Option(None, help="rtn (default) | gptq | e8p | ecsq | rdoq | trellis "
+                                                    "(rate–distortion: needs --budget or --lam)"),
+    bits: Optional[int] = typer.Option(None, min=2, max=8, help="bits for quantized matrices (default 6)"),
     embed_bits: Optional[int] = typer.Option(None, min=2, max=8, help="bits for embedding tensors (*emb*)"),
-    clip: str = typer.Option("sdclip", help="absmax | sdclip | mse"),
+    clip: Optional[str] = typer.Option(None, help="absmax | sdclip (default) | mse"),
     sigmas: Optional[float] = typer.Option(None, help="fixed SDClip width in row std (searched if omitted)"),
     embed_sigmas: Optional[float] = typer.Option(None, help="fixed SDClip width for embeddings"),
     recipe: Optional[Path] = typer.Option(None, help="TOML/JSON recipe mapping tensor globs to schemes"),
@@ -63,15 +105,16 @@ def quantize(
                                                    "ecsq/rdoq/trellis, whose symbols it models)"),
     group_by: str = typer.Option("role", help="role | tensor | single"),
     hessians: Optional[Path] = typer.Option(None, help="Hessian file from `calibrate` or the capture hooks"),
-    min_numel: int = typer.Option(DEFAULT_MIN_NUMEL, help="2-D tensors smaller than this stay in float"),
+    min_numel: Optional[int] = typer.Option(None, help=f"2-D tensors smaller than this stay in float (default {DEFAULT_MIN_NUMEL})"),
     fp16_passthrough: bool = typer.Option(False, help="store non-quantized float tensors as float16"),
     lqer_top_k: int = typer.Option(0, min=0, help="add LQER low-rank correction to the K most damaged tensors"),
-    lqer_rank: int = typer.Option(4, min=1, help="LQER rank"),
-    lqer_bits: int = typer.Option(4, min=2, max=8, help="LQER factor bits"),
-    lqer_group: int = typer.Option(64, min=1, help="LQER factor quantization group size"),
-    lqer_weighted: str = typer.Option("none", help="none | diag | chol: fit LQER in the Hessian norm (needs --hessians)"),
+    lqer_rank: Optional[int] = typer.Option(None, min=1, help="LQER rank (default 4)"),
+    lqer_bits: Optional[int] = typer.Option(None, min=2, max=8, help="LQER factor bits (default 4)"),
+    lqer_group: Optional[int] = typer.Option(None, min=1, help="LQER factor quantization group size (default 64)"),
+    lqer_weighted: Optional[str] = typer.Option(None, help="none (default) | diag | chol: fit LQER in the Hessian norm "
+                                                           "(needs --hessians)"),
     row_bits: Optional[str] = typer.Option(None, help="per-row bit tiers for embeddings, e.g. '10%:8,rest:6'"),
-    tokens: Optional[str] = typer.Option(None, help="TRAIN token shards: rank embedding rows by token frequency"),
+    tokens: Optional[str] = typer.Option(None, help="TRAIN token shards: rank embedding rows by token frequency (with row bits)"),
     budget: Optional[int] = typer.Option(None, help="fit this many bytes: rtn/gptq choose bits per tensor (least predicted "
                                                     "loss); ecsq/rdoq/trellis search λ on real packed bytes"),
     save_recipe_to: Optional[Path] = typer.Option(None, "--save-recipe", help="with --budget: where to write the chosen recipe"),
@@ -82,77 +125,47 @@ def quantize(
     json_out: bool = JsonOpt,
 ) -> None:
     """Quantize a checkpoint and pack it into one artifact; prints the per-tensor size table."""
-    from ..pipeline import LqerOptions
-    from .quantize_rd import RD_METHODS, check_rd_options, quantize_rd
-
-    rd = method in RD_METHODS
-    check_rd_options(method, rd, lam, sensitivity, budget, {
-        "--recipe": recipe is not None, "--embed-bits": embed_bits is not None, "--sigmas": sigmas is not None,
-        "--embed-sigmas": embed_sigmas is not None, "--lqer-top-k": lqer_top_k > 0, "--lqer-weighted": lqer_weighted != "none",
-        "--row-bits": bool(row_bits), "--tokens": bool(tokens), "--save-recipe": save_recipe_to is not None})
-    if rd:
-        quantize_rd(checkpoint, output, method, budget, lam, hessians, sensitivity, codec or "entropy", group_by, min_numel,
-                    "fp16" if fp16_passthrough else "float", json_out)
-        return
-    codec = codec or "auto"
-    rec = load_recipe(recipe) if recipe else simple_recipe(
-        method, bits, embed_bits, clip, sigmas, embed_sigmas, min_numel, "fp16" if fp16_passthrough else "float")
-    if row_bits:
-        from ..recipe import EMBED_GLOB, recipe_from_dict
-
-        rec = recipe_from_dict({**rec.to_dict(), "rule": [*rec.to_dict()["rule"], {"match": EMBED_GLOB, "row_bits": row_bits}]},
-                               "options")
-    if lqer_weighted not in ("none", "diag", "chol"):
-        raise PgolfError(f"--lqer-weighted must be none, diag or chol, got {lqer_weighted!r}")
-    lqer = LqerOptions(lqer_top_k, lqer_rank, lqer_bits, lqer_group, False if lqer_weighted == "none" else lqer_weighted)
-    H, counts = load_hessian_file(hessians, with_counts=True)
-    freq = None
-    if tokens:
-        from ..calib.shards import load_tokens
-        from ..quant.mixed_rows import token_counts
-
-        toks = load_tokens(tokens)
-        freq = token_counts(toks, int(toks.max()) + 1)
-    if budget is not None:
-        _quantize_to_budget(checkpoint, output, rec, budget, method, codec, group_by, H, counts, save_recipe_to, json_out,
-                            sensitivity)
-        return
-    n = len(load_checkpoint(checkpoint))
-    with progress(not json_out, n, "quantize") as step:
-        rep = quantize_file(checkpoint, output, rec, codec=codec, grouping=group_by, hessians=H, on_tensor=step,
-                            lqer=lqer, token_freq=freq)
-    if json_out:
-        print_json({"artifact": str(output), **rep.to_dict()})
+    given = {"--method": method is not None, "--bits": bits is not None, "--embed-bits": embed_bits is not None,
+             "--clip": clip is not None, "--sigmas": sigmas is not None, "--embed-sigmas": embed_sigmas is not None,
+             "--recipe": recipe is not None, "--codec": codec is not None, "--group-by": True,
+             "--hessians": hessians is not None, "--min-numel": min_numel is not None,
+             "--fp16-passthrough": fp16_passthrough, "--lqer-top-k": lqer_top_k > 0, "--lqer-rank": lqer_rank is not None,
+             "--lqer-bits": lqer_bits is not None, "--lqer-group": lqer_group is not None,
+             "--lqer-weighted": lqer_weighted is not None, "--row-bits": row_bits is not None,
+             "--tokens": tokens is not None, "--budget": budget is not None, "--save-recipe": save_recipe_to is not None,
+             "--lam": lam is not None, "--sensitivity": sensitivity is not None}
+    method, clip = method or "rtn", clip or "sdclip"
+    refuse_ignored(method, given, clip, recipe is not None, budget is not None, lqer_top_k)
+    passthrough = "fp16" if fp16_passthrough else "float"
+    min_numel = DEFAULT_MIN_NUMEL if min_numel is None else min_numel
+    if method in RD_METHODS:
+        plan = RDPlan(budget=budget, lam=lam, sensitivity=sensitivity, codec=codec or "entropy", grouping=group_by,
+                      config=RDConfig(method=method, min_numel=min_numel, passthrough=passthrough))
+    elif budget is not None:
+        plan = BitBudgetPlan(budget=budget, candidates=tuple(default_candidates(method=method, clip=clip)),
+                             sensitivity=sensitivity, min_numel=min_numel, passthrough=passthrough, codec=codec or "auto",
+                             grouping=group_by, recipe_out=save_recipe_to)
     else:
-        render_pack_report(rep, f"{output}")
-
-
-def _quantize_to_budget(checkpoint, output, rec, budget, method, codec, group_by, H, counts, save_to, json_out,
-                        sensitivity=None) -> None:
-    from ..analyze.optimize import default_candidates, optimize_plan, save_recipe
-    from ..quant.allocate import load_sensitivity
-    from ..fileio import atomic_write_bytes, check_not_input
-    from ..pack.packer import unpack_model
-    from ..pipeline import report
-
-    check_not_input(output, checkpoint)
-    tensors = load_checkpoint(checkpoint)
-    with progress(not json_out, 1, "optimize") as step:
-        plan_recipe, det = optimize_plan(tensors, budget, H, default_candidates(method=method), codec, hessian_counts=counts,
-                                         base=rec, grouping=group_by, sensitivity=load_sensitivity(sensitivity))
-        step("done")
-    atomic_write_bytes(output, det.blob)
-    rpath = save_to or output.with_name(output.name + ".recipe.toml")
-    check_not_input(rpath, checkpoint)
-    save_recipe(plan_recipe, rpath, comment=f"pgolf-pack quantize --budget {budget}: {det.actual_bytes} bytes")
-    qm, manifest = unpack_model(det.blob)
-    rep = report(det.blob, manifest, qm, tensors)
+        rec = recipe if recipe is not None else simple_recipe(
+            method, 6 if bits is None else bits, embed_bits, clip, sigmas, embed_sigmas, min_numel, passthrough)
+        if row_bits:
+            if recipe is not None:
+                check_not_input(output, recipe)  # the API checks the inputs it reads; this one is read here
+                rec = load_recipe(recipe)
+            tiers = recipe_from_dict({"rule": [{"match": EMBED_GLOB, "row_bits": row_bits}]}, "--row-bits").rules
+            rec = dataclasses.replace(rec, rules=[*rec.rules, *tiers])
+        weighted = lqer_weighted or "none"
+        if weighted not in ("none", "diag", "chol"):
+            raise PgolfError(f"--lqer-weighted must be none, diag or chol, got {weighted!r}")
+        lqer = LqerOptions(lqer_top_k, 4 if lqer_rank is None else lqer_rank, 4 if lqer_bits is None else lqer_bits,
+                           64 if lqer_group is None else lqer_group, False if weighted == "none" else weighted)
+        plan = RecipePlan(recipe=rec, lqer=lqer, token_freq=tokens, codec=codec or "auto", grouping=group_by)
+    with StageProgress(not json_out) as prog:
+        res = quantize_file(checkpoint, output, plan, hessians=hessians, progress=prog, warn=warn)
     if json_out:
-        print_json({"artifact": str(output), "recipe": str(rpath), "optimizer": det.to_dict(), **rep.to_dict()})
-        return
-    render_pack_report(rep, f"{output} (budget {fmt_int(budget)})")
-    console.print(f"optimizer: {fmt_int(det.actual_bytes)} bytes packed for a budget of {fmt_int(budget)} "
-                  f"(margin {fmt_int(det.margin)}); plan saved to {rpath} — edit it and re-run with --recipe")
+        print_json(res.to_dict())
+    else:
+        render_quantize(res)
 
 
 @app.command()

@@ -1,0 +1,99 @@
+"""The searches above quant/ and pack/: the byte predictor and the λ search that meets a budget
+on real packed bytes.
+
+Run: python -m pytest -q tests/test_rd_search.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_state_dict
+from pgolf_pack.errors import PgolfError
+from pgolf_pack.pack.packer import group_choices, pack_model, unpack_model
+from pgolf_pack.quant.allocate import SLOPE, RDConfig, prepare_model, quantize_model_rd
+from pgolf_pack.quant.base import dequantize_float32
+from pgolf_pack.rd_search import fit_budget, predict_bytes
+
+
+def hessians_for(sd, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, t in sd.items():
+        if t.dim() == 2 and t.numel() >= 4096:
+            cols = t.shape[1]
+            x = rng.standard_normal((3 * cols, cols)) * np.exp(rng.normal(0, 1.0, cols))
+            out[name] = (x.T @ x).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small():
+    sd = make_state_dict(seed=3, layers=1, dim=64, vocab=256)
+    return sd, hessians_for(sd)
+
+
+def lam_at(mp, delta):
+    """The λ that gives the median matrix a step of ``delta`` (its spread's multiple)."""
+    return delta * delta * float(np.median([t.k * t.sens for t in mp.tensors])) / SLOPE
+
+
+@pytest.mark.parametrize("cfg", [RDConfig(method="ecsq", row_mode="std", col_beta=0.0), RDConfig(method="rdoq"),
+                                 RDConfig(method="trellis"), RDConfig(method="trellis", trellis_coding="split")],
+                         ids=["ecsq", "rdoq", "trellis", "trellis-split"])
+def test_rate_model_predicts_coded_bytes(small, cfg):
+    sd, hs = small
+    mp = prepare_model(sd, hs, cfg)
+    qm = quantize_model_rd(mp, lam_at(mp, 0.35))
+    real = len(pack_model(qm, codec="entropy").blob)
+    pred = predict_bytes(qm)
+    assert abs(pred - real) <= 0.005 * real, (pred, real)
+
+
+@settings(max_examples=5, deadline=None)
+@given(frac=st.floats(0.45, 0.95), method=st.sampled_from(["ecsq", "rdoq", "trellis"]))
+def test_budget_is_never_exceeded(small, frac, method):
+    sd, hs = small
+    mp = prepare_model(sd, hs, RDConfig(method=method))
+    top = len(pack_model(quantize_model_rd(mp, lam_at(mp, 0.15)), codec="zstd").blob)
+    budget = int(frac * top)
+    # zstd keeps this fast; the search only ever sees real packed bytes, whatever the codec.
+    res = fit_budget(mp, budget, codec="zstd", max_iter=7)
+    assert res.bytes <= budget
+    assert all(p.bytes <= budget for p in res.history if p.lam == res.lam)
+    assert res.bytes == max(p.bytes for p in res.history if p.bytes <= budget)
+    back, manifest = unpack_model(res.pack.blob)
+    assert pack_model(back, codec="zstd", choices=group_choices(manifest)).blob == res.pack.blob
+    for a, b in zip(res.qm.tensors, back.tensors):
+        np.testing.assert_array_equal(dequantize_float32(a), dequantize_float32(b))
+
+
+def test_budget_search_stops_once_within_tolerance(small):
+    sd, hs = small
+    mp = prepare_model(sd, hs, RDConfig(method="ecsq"))
+    budget = len(pack_model(quantize_model_rd(mp, lam_at(mp, 0.3)), codec="zstd").blob)
+    res = fit_budget(mp, budget, codec="zstd", max_iter=12, rel_tol=0.05)
+    assert budget * 0.95 <= res.bytes <= budget
+    # Every probe but the last left the best fit outside the tolerance: no pack is wasted.
+    for i in range(1, len(res.history)):
+        fits = [p.bytes for p in res.history[:i] if p.bytes <= budget]
+        assert not fits or budget - max(fits) > 0.05 * budget
+    assert len(res.history) < 12
+
+
+def test_code_bytes_count_against_the_budget(small):
+    sd, hs = small
+    mp = prepare_model(sd, hs, RDConfig(method="ecsq"))
+    budget = len(pack_model(quantize_model_rd(mp, lam_at(mp, 0.3)), codec="zstd").blob)
+    res = fit_budget(mp, budget, codec="zstd", extra_bytes=5000, max_iter=6)
+    assert res.bytes + 5000 <= budget
+
+
+def test_unmeetable_budget_says_by_how_much(small):
+    sd, hs = small
+    mp = prepare_model(sd, hs, RDConfig(method="ecsq"))
+    with pytest.raises(PgolfError, match="cannot be met"):
+        fit_budget(mp, 2000, codec="zstd", max_iter=3)  # float tensors alone are larger
