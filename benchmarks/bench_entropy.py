@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgolf_pack.pack.entropy import MODELS, entropy_decode, entropy_encode, fit_models  # noqa: E402
+from pgolf_pack.coding.entropy import MODELS, entropy_decode, entropy_encode, fit_models  # noqa: E402
 from pgolf_pack.quant.rtn import quantize_rtn  # noqa: E402
 
 DEFAULT_CKPT = "/work/shared/bench/baseline_9x512_sp1024.safetensors"

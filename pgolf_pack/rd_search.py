@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import PgolfError
 from .pack.container import write_container
-from .pack.entropy import estimate_bits
+from .coding.entropy import estimate_bits
 from .pack.packer import PackResult, _as_2d, build_groups, build_manifest, encode_group, pack_model
 from .quant.allocate import ModelPrep, _initial_lambda, quantize_model_rd
 from .quant.base import QuantizedModel

@@ -26,6 +26,7 @@ from pgolf_pack.quant.base import QuantizedModel, QuantizedTensor, Stream
 HAS_LRZIP = shutil.which("lrzip") is not None
 needs_lrzip = pytest.mark.skipif(not HAS_LRZIP, reason="lrzip binary not installed")
 PACK = Path(__file__).resolve().parents[1] / "pgolf_pack" / "pack"
+CODING = PACK.parent / "coding"
 
 
 def _model(q: np.ndarray, scale_rows: int | None = None) -> QuantizedModel:
@@ -93,7 +94,7 @@ def test_entropy_decoder_imports_no_encoder_code():
     # The decoder side of the seam (a standalone decoder is cut from these two modules).
     allowed = {"__future__", "struct", "zlib", "math", "dataclasses", "typing", "numpy", "constriction"}
     for name in ("entropy_decode.py", "entropy_tables.py"):
-        tree = ast.parse((PACK / name).read_text())
+        tree = ast.parse((CODING / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 assert {a.name.split(".")[0] for a in node.names} <= allowed, (name, ast.dump(node))
@@ -102,12 +103,12 @@ def test_entropy_decoder_imports_no_encoder_code():
                     assert node.module.split(".")[0] in allowed, (name, node.module)
                 else:
                     assert (node.level, node.module) in {(2, "errors"), (1, "entropy_tables")}, (name, node.module)
-    code = ("import sys, pgolf_pack.pack.entropy_decode; "
+    code = ("import sys, pgolf_pack.coding.entropy_decode; "
             "print(sorted(m for m in sys.modules if m.startswith('pgolf_pack')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(PACK.parents[1])}).stdout
-    assert eval(out) == ["pgolf_pack", "pgolf_pack.errors", "pgolf_pack.pack", "pgolf_pack.pack.entropy_decode",
-                         "pgolf_pack.pack.entropy_tables"]
+    assert eval(out) == ["pgolf_pack", "pgolf_pack.coding", "pgolf_pack.coding.entropy_decode",
+                         "pgolf_pack.coding.entropy_tables", "pgolf_pack.errors"]
 
 
 # --- bounded decoding -------------------------------------------------------------------------------
@@ -217,8 +218,8 @@ def test_row_sort_permutations_of_more_than_65536_rows(wide_vocab):
 
 def test_entropy_decode_builds_tables_in_batches():
     # More distinct column contexts than one batch of tables: the batched decoder must agree.
-    from pgolf_pack.pack import entropy_decode as dec
-    from pgolf_pack.pack.entropy import entropy_encode, fit_model
+    from pgolf_pack.coding import entropy_decode as dec
+    from pgolf_pack.coding.entropy import entropy_encode, fit_model
 
     rng = np.random.default_rng(8)
     # Every column its own mean: (scale, mean) keys are nearly all distinct.

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pgolf_pack.errors import ArtifactError
-from pgolf_pack.pack.entropy import (
+from pgolf_pack.coding.entropy import (
     MODELS,
     entropy_decode,
     entropy_encode,
@@ -13,7 +13,7 @@ from pgolf_pack.pack.entropy import (
     fit_model,
     fit_models,
 )
-from pgolf_pack.pack.entropy_models import (
+from pgolf_pack.coding.entropy_models import (
     BitReader,
     BitWriter,
     Param,

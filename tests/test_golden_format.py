@@ -26,7 +26,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pgolf_pack.pack import codecs, container, entropy_decode
+from pgolf_pack.coding import entropy_decode
+from pgolf_pack.pack import codecs, container
 from pgolf_pack.pack.container import canonical_json, read_container
 from pgolf_pack.pack.packer import pack_model, unpack_model
 from pgolf_pack.quant.base import QuantizedModel, QuantizedTensor, Stream
@@ -282,7 +283,7 @@ def test_golden_raw_artifact_bytes():
 
 @pytest.mark.parametrize("model", sorted(ENTROPY_PAYLOADS_HEX))
 def test_golden_entropy_payloads(model):
-    from pgolf_pack.pack.entropy import entropy_encode
+    from pgolf_pack.coding.entropy import entropy_encode
 
     want = golden_model()
     int6 = [want["blocks.0.mlp.fc.weight"].streams["q"].data, want["blocks.1.mlp.fc.weight"].streams["q"].data]

@@ -141,7 +141,7 @@ def test_trellis_beats_its_single_quantizer(rng):
 
 
 def test_rate_term_lowers_the_rate(rng):
-    from pgolf_pack.pack.entropy import estimate_bits
+    from pgolf_pack.coding.entropy import estimate_bits
 
     w = (rng.standard_normal((64, 48)) * 0.05).astype(np.float32)
     prep = prepare_hessian(correlated_h(rng, 48))

@@ -346,7 +346,7 @@ def _lrzip_codec(name: str, args: tuple[str, ...], auto: bool) -> Codec:
 
 
 def _entropy_encode(arrays: list, lo: int, hi: int, desc: dict) -> tuple[bytes, dict]:
-    from .entropy import entropy_encode_model
+    from ..coding.entropy import entropy_encode_model
 
     payload, model = entropy_encode_model(arrays, lo, hi, desc.get("model", "auto"))
     # The model "auto" picked is recorded so a re-pack (verify) fits only that one.
@@ -354,7 +354,7 @@ def _entropy_encode(arrays: list, lo: int, hi: int, desc: dict) -> tuple[bytes, 
 
 
 def _entropy_decode(payload: bytes, shapes: list, dtypes: list, lo: int, hi: int, desc: dict) -> list:
-    from .entropy_decode import entropy_decode
+    from ..coding.entropy_decode import entropy_decode
 
     return entropy_decode(payload, shapes, dtypes, lo, hi)
 

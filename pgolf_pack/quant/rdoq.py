@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import PgolfError
-from ..pack.entropy import fit_models
+from ..coding.entropy import fit_models
 from .base import QuantizedTensor
 from .ecsq import EcsqGrid, as_prepared, ecsq_codes, make_ecsq_tensor, make_grid
 from .gptq import PreparedHessian, check_weight

@@ -292,7 +292,7 @@ def fit_trellis_rate(levels: np.ndarray, cls: np.ndarray, coding: str = "plain")
     """(cost (2, K, V), ctx (rows, cols), vmin): bits of each level as the chosen ``coding`` will
     code it — the entropy coder's per-column model of the level matrix (``plain``), or one
     histogram per state class (``split``)."""
-    from ..pack.entropy import fit_models
+    from ..coding.entropy import fit_models
     from .rdoq import _finite_costs
 
     k = np.asarray(levels, dtype=np.int64)
