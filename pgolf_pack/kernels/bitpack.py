@@ -123,3 +123,29 @@ def unpack_bits_ref(buf: np.ndarray | bytes, bits: int, count: int) -> np.ndarra
     planes = np.unpackbits(b, bitorder="little")[: count * bits].reshape(count, bits)
     weights = np.uint64(1) << np.arange(bits, dtype=np.uint64)
     return (planes.astype(np.uint64) @ weights).astype(unpacked_dtype(bits))
+
+
+_NP_CHUNK = 1 << 20
+
+
+def unpack_bits_np(buf: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:
+    """:func:`unpack_bits` in plain numpy (same checks, same output): the exported decoder's path,
+    which cannot carry numba. Each symbol is gathered from the bytes its bits touch, a chunk of
+    symbols at a time, so memory stays at a few bytes per symbol."""
+    _check_bits(bits)
+    b = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) else buf
+    b = np.ascontiguousarray(b, dtype=np.uint8).reshape(-1)
+    if b.size < packed_size(count, bits):
+        raise ValueError(f"bit stream too short: {b.size} bytes for {count} symbols of {bits} bits")
+    span = (bits + 7 + 7) // 8  # bytes one symbol can touch
+    padded = np.concatenate([b[: packed_size(count, bits)], np.zeros(span, np.uint8)]).astype(np.uint64)
+    mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
+    out = np.empty(count, dtype=unpacked_dtype(bits))
+    for i0 in range(0, count, _NP_CHUNK):
+        pos = np.arange(i0, min(count, i0 + _NP_CHUNK), dtype=np.uint64) * np.uint64(bits)
+        first = (pos >> np.uint64(3)).astype(np.int64)
+        acc = np.zeros(first.size, np.uint64)
+        for t in range(span):
+            acc |= padded[first + t] << np.uint64(8 * t)
+        out[i0 : i0 + first.size] = (acc >> (pos & np.uint64(7))) & mask
+    return out

@@ -24,6 +24,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -85,7 +86,7 @@ def _brotli_compress(data: bytes) -> bytes:
     return brotli.compress(data, mode=brotli.MODE_GENERIC, quality=BROTLI_QUALITY, lgwin=BROTLI_LGWIN)
 
 
-def _brotli_decompress(data: bytes, max_out: int) -> bytes:
+def brotli_decompress(data: bytes, max_out: int) -> bytes:
     # process() with an output limit hands back at most about that much per call, so a bomb
     # is stopped after max_out + one buffer, never inflated whole.
     d = brotli.Decompressor()
@@ -319,6 +320,10 @@ def _wait_lrzip(proc: subprocess.Popen, dst: Path, action: str, max_out: int | N
             raise ArtifactError(f"lrzip {action} timed out after {LRZIP_TIMEOUT_S} s")
 
 
+def _lrzip_decompress(data: bytes, max_out: int) -> bytes:
+    return _run_lrzip(("-d",), data, "decompress", max_out)
+
+
 def _lrzip_codec(name: str, args: tuple[str, ...], auto: bool) -> Codec:
     def params() -> dict:
         path = shutil.which("lrzip")
@@ -334,7 +339,7 @@ def _lrzip_codec(name: str, args: tuple[str, ...], auto: bool) -> Codec:
         name,
         "bytes",
         encode=lambda data: _run_lrzip(args, data, "compress"),
-        decode=lambda data, max_out: _run_lrzip(("-d",), data, "decompress", max_out),
+        decode=_lrzip_decompress,
         params=params,
         available=lambda: shutil.which("lrzip") is not None,
         auto=auto,
@@ -383,7 +388,7 @@ CODECS: dict[str, Codec] = {
     for c in (
         Codec("entropy", "symbols", _entropy_encode, _entropy_decode, _entropy_params, _always,
               auto=True, auto_fast=True, records=("model",)),
-        _library("brotli", _brotli_compress, _brotli_decompress,
+        _library("brotli", _brotli_compress, brotli_decompress,
                  {"library": "brotli", "version": brotli.__version__, "quality": BROTLI_QUALITY,
                   "lgwin": BROTLI_LGWIN, "mode": "generic"}),
         _library("zstd", _zstd_compress, _zstd_decompress,
@@ -395,6 +400,33 @@ CODECS: dict[str, Codec] = {
         _library("raw", bytes, _raw_decompress, {}, fast=False),
     )
 }
+
+class _DecoderTable(Mapping):
+    """The decode functions of the registered codecs that take ``takes``, by name.
+
+    A live view of ``CODECS`` (adding a codec stays one registration). Decoding looks codecs up
+    here and nowhere else, so the exported decoder (pgolf_pack.ship) can stand a plain dict of
+    the entries its artifact names in its place.
+    """
+
+    def __init__(self, takes: str) -> None:
+        self.takes = takes
+
+    def _table(self) -> dict[str, Callable]:
+        return {n: c.decode for n, c in CODECS.items() if c.takes == self.takes}
+
+    def __getitem__(self, name: str) -> Callable:
+        return self._table()[name]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+BYTE_DECODERS = _DecoderTable("bytes")
+SYMBOL_DECODERS = _DecoderTable("symbols")
 
 
 def get(codec: str) -> Codec:

@@ -19,7 +19,7 @@ import zlib
 import brotli
 
 from ..errors import ArtifactError
-from .codecs import decompress
+from .codecs import brotli_decompress
 
 MAGIC = b"PGPK"
 # The artifact format: written in the header byte and as the manifest's "format". Bump it with any
@@ -69,7 +69,7 @@ def read_container(blob: bytes) -> tuple[dict, memoryview]:
     if crc32(man) != mcrc:
         raise ArtifactError("artifact manifest is corrupted (checksum mismatch)")
     try:
-        manifest = json.loads(decompress("brotli", man, MAX_MANIFEST_BYTES))
+        manifest = json.loads(brotli_decompress(man, MAX_MANIFEST_BYTES))
     except (ArtifactError, ValueError) as e:
         raise ArtifactError(f"artifact manifest cannot be decoded: {e}") from None
     payload = memoryview(blob)[start + mlen :]

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ArtifactError, PgolfError
 from ..quant.base import QuantizedModel, QuantizedTensor, Stream
 from . import codecs
+from .codecs import BYTE_DECODERS, SYMBOL_DECODERS
 from .container import FORMAT_VERSION, crc32, group_payload, header_bytes, read_container, write_container
 from .layout import Layout, candidate_layouts, encoded_size, layout_decode, layout_encode, row_orders
 
@@ -238,18 +239,28 @@ def _shapes2d(shapes: list[tuple]) -> list[tuple[int, int]]:
 
 def decode_group(desc: dict, payload: bytes, kind: str, shapes: list[tuple], dtypes: list[str], lo: int, hi: int) -> list[np.ndarray]:
     name = desc["codec"]
-    if name not in codecs.CODECS:
-        raise ArtifactError(f"unknown codec {name!r}")
-    c = codecs.CODECS[name]
-    if c.takes == "symbols":
+    if name in SYMBOL_DECODERS:
         if kind == "side":
             raise ArtifactError(f"codec {name} cannot hold a side group")
-        arrays = c.decode(payload, _shapes2d(shapes), dtypes, lo, hi, desc)
+        arrays = SYMBOL_DECODERS[name](payload, _shapes2d(shapes), dtypes, lo, hi, desc)
         return [a.reshape(s) for a, s in zip(arrays, shapes)]
-    raw = c.decode(payload, decoded_size(kind, desc, shapes, dtypes))
+    if name not in BYTE_DECODERS:
+        raise ArtifactError(f"unknown codec {name!r}")
     if kind == "side":
+        raw = BYTE_DECODERS[name](payload, decoded_size(kind, desc, shapes, dtypes))
         return _side_decode(raw, desc.get("shuffle", False), shapes, dtypes)
-    arrays = layout_decode(raw, Layout.from_dict(desc["layout"]), _shapes2d(shapes), dtypes, lo)
+    return decode_laid_out(desc, payload, shapes, dtypes, lo)
+
+
+def decode_laid_out(desc: dict, payload: bytes, shapes: list[tuple], dtypes: list[str], lo: int) -> list[np.ndarray]:
+    """A symbol group a byte codec holds: decode the bytes, then undo the byte layout.
+
+    Its own function so an exported decoder for an artifact with no such group can leave the
+    layouts out (pgolf_pack.ship).
+    """
+    lay = Layout.from_dict(desc["layout"])
+    raw = BYTE_DECODERS[desc["codec"]](payload, encoded_size(_shapes2d(shapes), dtypes, lay))
+    arrays = layout_decode(raw, lay, _shapes2d(shapes), dtypes, lo)
     return [a.reshape(s) for a, s in zip(arrays, shapes)]
 
 
