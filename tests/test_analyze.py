@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import pgolf_pack.cli.analyze  # noqa: F401  (registers the analyze commands)
 from pgolf_pack.analyze.budget import (
-    BudgetReport, code_cost, margin_use, minify_source, unwrap_code, wrap_code,
+    BudgetReport, code_cost, decoder_cost, margin_use, minify_source, unwrap_code, wrap_code,
 )
 from pgolf_pack.analyze.optimize import (
     Option, _hull, _toml_value, measure_candidates, optimize_plan, plan_for_budget, recipe_to_toml, save_recipe,
@@ -169,12 +169,13 @@ def test_budget_verdict_and_exit_code(tmp_path, state_dict):
     code = tmp_path / "decode.py"
     code.write_text(SOURCE * 20)
     counted = code_cost(code).counted[0]
-    cap = len(res.blob) + counted + 1234
+    decoder = decoder_cost(res.blob).counted[0]
+    cap = len(res.blob) + decoder + counted + 1234
     r = run("analyze", "budget", art, "--cap", cap, "--code", code, "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["fits"] and d["margin"] == 1234 and d["verdict"] == "fits, margin 1,234 bytes"
-    assert d["total_bytes"] == len(res.blob) + counted
+    assert d["total_bytes"] == len(res.blob) + decoder + counted and d["decoder_bytes"] == decoder > 1000
     r = run("analyze", "budget", art, "--cap", cap, "--code", code)
     assert r.exit_code == 0 and "fits, margin 1,234 bytes" in r.output
     r = run("analyze", "budget", art, "--cap", cap - 2000, "--code", code)

@@ -1,6 +1,7 @@
 """The cap check: artifact bytes + the decode code that ships with it, the margin, what it buys.
 
-Code is counted the way the records ship it: Python sources are minified and wrapped in a one-line
+The decoder ``export-decoder`` generates for the artifact is counted as the file it writes. Code
+the user names is counted the way the records ship it: Python sources are minified and wrapped in a one-line
 exec wrapper around a base85 string of the compressed source (raw LZMA2 as SDC/ALL6 ship, or
 brotli as TOP computes). Each file counts the smaller of its raw bytes and its best wrapper.
 
@@ -171,6 +172,15 @@ class MarginUse:
     params_for_margin: int  # |margin| expressed in parameters at that rate
 
 
+def decoder_cost(blob: bytes) -> CodeCost:
+    """The decoder ``export-decoder`` writes for this artifact, counted as the file it writes
+    (minified, in its self-extracting wrapper)."""
+    from ..ship.exporter import export_decoder
+
+    s = export_decoder(blob).sizes()
+    return CodeCost("pgp_decode.py (export-decoder)", s["raw"], s["minified"], **{f"{s['compressor']}_bytes": s["wrapped"]})
+
+
 @dataclass
 class BudgetReport:
     artifact_bytes: int
@@ -178,14 +188,19 @@ class BudgetReport:
     cap: int = CAP_BYTES
     use: MarginUse | None = None
     source: str = ""
+    decoder: CodeCost | None = None  # the generated decoder of the artifact
 
     @property
     def code_bytes(self) -> int:
         return sum(c.counted[0] for c in self.code)
 
     @property
+    def decoder_bytes(self) -> int:
+        return 0 if self.decoder is None else self.decoder.counted[0]
+
+    @property
     def total_bytes(self) -> int:
-        return self.artifact_bytes + self.code_bytes
+        return self.artifact_bytes + self.decoder_bytes + self.code_bytes
 
     @property
     def margin(self) -> int:
@@ -224,6 +239,8 @@ class BudgetReport:
         return {
             "source": self.source,
             "artifact_bytes": self.artifact_bytes,
+            "decoder": None if self.decoder is None else self.decoder.to_dict(),
+            "decoder_bytes": self.decoder_bytes,
             "code": [c.to_dict() for c in self.code],
             "code_bytes": self.code_bytes,
             "total_bytes": self.total_bytes,
@@ -267,10 +284,12 @@ def margin_use(rep: SizeReport, margin: int) -> MarginUse:
     )
 
 
-def budget_report(rep: SizeReport, code_paths: list[str | os.PathLike], cap: int = CAP_BYTES) -> BudgetReport:
+def budget_report(rep: SizeReport, code_paths: list[str | os.PathLike], cap: int = CAP_BYTES,
+                  blob: bytes | None = None) -> BudgetReport:
+    """``blob``: the artifact itself, whose generated decoder is then counted too."""
     if cap <= 0:
         raise PgolfError(f"--cap must be positive, got {cap}")
     costs = [code_cost(p) for p in expand_code_paths(code_paths)] if code_paths else []
-    out = BudgetReport(rep.total_bytes, costs, cap, None, rep.source)
+    out = BudgetReport(rep.total_bytes, costs, cap, None, rep.source, decoder_cost(blob) if blob is not None else None)
     out.use = margin_use(rep, out.margin)
     return out

@@ -8,6 +8,7 @@ from .app import app
 from . import calib, core  # noqa: F401  (registers commands)
 from . import analyze, rd  # noqa: F401  (registers the analyze commands)
 from . import sensitivity  # noqa: F401
+from . import ship  # noqa: F401
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from rich.table import Table
 from .. import CAP_BYTES
 from ..analyze.budget import budget_report
 from ..analyze.rms import plot_rms, rms_analysis, rms_recipe
-from ..analyze.size import SORT_KEYS, SPLITS, SizeReport, analyze_size, is_artifact
+from ..analyze.size import SORT_KEYS, SPLITS, Packed, SizeReport, is_artifact, load_or_pack, size_report
 from ..checkpoint import DEFAULT_MIN_NUMEL, load_checkpoint
 from ..errors import PgolfError
 from ..pack.packer import CODEC_CHOICES
@@ -39,15 +39,20 @@ def _hessians(path: Optional[Path]):
     return load_hessians(path)[0]
 
 
-def _size(inp: Path, rec: Recipe, codec: str, group_by: str, hessians: Optional[Path], show: bool,
-          split: str = "entropy") -> SizeReport:
+def _packed(inp: Path, rec: Recipe, codec: str, group_by: str, hessians: Optional[Path], show: bool) -> Packed:
     if not inp.is_file():
         raise PgolfError(f"input not found: {inp}")
     if is_artifact(inp):
-        return analyze_size(inp, rec, codec, group_by, split=split)
+        return load_or_pack(inp, rec, codec, group_by)
     n = len(load_checkpoint(inp))
     with progress(show, n, "quantize") as step:
-        return analyze_size(inp, rec, codec, group_by, _hessians(hessians), step, split)
+        return load_or_pack(inp, rec, codec, group_by, _hessians(hessians), step)
+
+
+def _size(inp: Path, rec: Recipe, codec: str, group_by: str, hessians: Optional[Path], show: bool,
+          split: str = "entropy") -> SizeReport:
+    p = _packed(inp, rec, codec, group_by, hessians, show)
+    return size_report(p.blob, p.manifest, p.qm, p.originals, p.source, split)
 
 
 def render_size(rep: SizeReport, sort: str, top: Optional[int]) -> None:
@@ -156,13 +161,15 @@ def budget_cmd(
 ) -> None:
     """Artifact + shipped code against the cap, the margin, and what the margin buys.
 
-    Python code counts as the smaller of its raw bytes and its minified, lzma- or brotli-compressed exec wrapper (the way records ship code).
+    The artifact's own decoder (what export-decoder writes: minified, in its exec wrapper) is counted automatically.
+    Other Python code (--code) counts as the smaller of its raw bytes and its minified, lzma- or brotli-compressed exec wrapper (the way records ship code).
 
     Exit code 0 when it fits, 1 when over the cap (or on an error).
     """
     rec = _recipe(recipe, method, bits, embed_bits, clip, sigmas, embed_sigmas, min_numel, fp16_passthrough)
-    rep = _size(input, rec, codec, group_by, hessians, not json_out)
-    b = budget_report(rep, list(code or []), cap)
+    p = _packed(input, rec, codec, group_by, hessians, not json_out)
+    rep = size_report(p.blob, p.manifest, p.qm, p.originals, p.source)
+    b = budget_report(rep, list(code or []), cap, p.blob)
     if json_out:
         print_json(b.to_dict())
     else:
@@ -170,8 +177,11 @@ def budget_cmd(
         for col in ("item", "raw", "minified", "lzma wrapper", "brotli wrapper", "counted"):
             t.add_column(col, justify="left" if col == "item" else "right")
         t.add_row("artifact", fmt_int(b.artifact_bytes), "", "", "", fmt_int(b.artifact_bytes))
+        opt = lambda v: "" if v is None else fmt_int(v)  # noqa: E731
+        for c in [b.decoder] if b.decoder else []:
+            t.add_row(f"decoder {c.path}", fmt_int(c.raw_bytes), opt(c.minified_bytes), opt(c.lzma_bytes),
+                      opt(c.brotli_bytes), f"{fmt_int(c.counted[0])} ({c.counted[1]})")
         for c in b.code:
-            opt = lambda v: "" if v is None else fmt_int(v)  # noqa: E731
             n, how = c.counted
             t.add_row(f"code {c.path}", fmt_int(c.raw_bytes), opt(c.minified_bytes), opt(c.lzma_bytes),
                       opt(c.brotli_bytes), f"{fmt_int(n)} ({how})")
@@ -180,7 +190,7 @@ def budget_cmd(
         t.add_row("cap", "", "", "", "", fmt_int(b.cap))
         console.print(t)
         if not b.code:
-            console.print("note: no --code given; the decode code that ships is not counted")
+            console.print("note: no --code given; only the generated decoder is counted, not your train_gpt.py")
         for line in b.buys():
             console.print(f"  {line}")
         console.print(f"{'FITS' if b.fits else 'OVER'}: {b.verdict}")

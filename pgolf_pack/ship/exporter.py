@@ -89,3 +89,18 @@ def export_decoder(blob: bytes) -> ExportedDecoder:
     small = minify(raw)
     wrapped, how = wrap(small)
     return ExportedDecoder(raw, small, wrapped, how, byte_codecs + symbol_codecs, schemes, list(col.imports))
+
+
+def export_decoder_file(artifact, out, minified: bool = True) -> ExportedDecoder:
+    """Write the decoder for ``artifact`` to ``out``: the self-extracting minified file, or
+    (``minified=False``) the readable source."""
+    from pathlib import Path
+
+    from ..fileio import atomic_write_bytes, check_not_input
+    from ..verify import read_artifact
+
+    out = Path(out)
+    check_not_input(out, Path(artifact))
+    dec = export_decoder(read_artifact(artifact))
+    atomic_write_bytes(out, dec.code(minified))
+    return dec
