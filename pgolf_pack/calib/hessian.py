@@ -31,7 +31,9 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import PgolfError
 from ..fileio import atomic_write
@@ -140,6 +142,16 @@ class HessianCollector:
     or module names (these must match, else the forward raises). ``tied_lm_head`` maps the module
     whose output feeds a tied LM head (e.g. ``"final_norm"``) to the tied weight's name
     (e.g. ``"tok_emb.weight"``); that weight's H comes from the module's outputs.
+
+    ``functional=True`` also collects every other 2-D parameter that the forward passes itself as
+    the weight of ``F.linear`` (a tied head ``F.linear(x, tok_emb.weight)``, a custom layer's
+    ``F.linear(x, self.w)``), from that call's input; it needs the collector as a context manager
+    (``with HessianCollector(...) as hc``), which is when the interception is active. A cast,
+    slice or reshape of a parameter is a new tensor and cannot be traced back to it.
+    ``lookup_embeddings=True`` gives an ``nn.Embedding`` weight that got no Hessian otherwise (a
+    lookup table, not an output head) ``H = (lookups / rows) · I``: a lookup's output error is
+    the row's error, so the count-normalised H = I / rows makes ``trace(ΔW H ΔWᵀ)`` the mean
+    squared output error over rows, and GPTQ on it is plain rounding, which is all a table allows.
     """
 
     def __init__(
@@ -148,10 +160,14 @@ class HessianCollector:
         include: Include = None,
         tied_lm_head: Mapping[str, str] | None = None,
         dtype: torch.dtype = torch.float64,
+        functional: bool = False,
+        lookup_embeddings: bool = False,
     ):
         if dtype not in (torch.float32, torch.float64):
             raise PgolfError(f"Hessian accumulation dtype must be float32 or float64, got {dtype}")
+        self._dtype = dtype
         self._acc: dict[str, _Accumulator] = {}
+        self._functional: dict[str, _Accumulator] = {}
         self._handles: list = []
         self._cache = _GramCache()
         modules = dict(model.named_modules())
@@ -175,6 +191,24 @@ class HessianCollector:
             acc = _Accumulator(wname, int(w.shape[1]), dtype, True, self._cache)
             self._acc[wname] = acc
             self._handles.append(modules[mname].register_forward_hook(self._output_hook(acc)))
+
+        self._by_id: dict[int, _Accumulator] = {}
+        self._mode: _LinearCapture | None = None
+        if functional:
+            for pname, p in model.named_parameters():
+                if p.ndim == 2 and p.is_floating_point() and pname not in self._acc:
+                    acc = _Accumulator(pname, int(p.shape[1]), dtype, True, self._cache)
+                    self._functional[pname] = acc
+                    self._by_id[id(p)] = acc
+        self._lookups: dict[str, list] = {}
+        if lookup_embeddings:
+            for mname, mod in modules.items():
+                w = getattr(mod, "weight", None)
+                wname = f"{mname}.weight" if mname else "weight"
+                if isinstance(mod, nn.Embedding) and wname not in self._acc:
+                    entry = [int(w.shape[0]), int(w.shape[1]), 0]
+                    self._lookups[wname] = entry
+                    self._handles.append(mod.register_forward_hook(self._lookup_hook(entry)))
 
     @staticmethod
     def _select(modules: dict[str, nn.Module], include: Include):
@@ -208,6 +242,15 @@ class HessianCollector:
         return hook
 
     @staticmethod
+    def _lookup_hook(entry: list):
+        def hook(_mod, args, _out):
+            ids = _first_tensor(args)
+            if ids is not None:
+                entry[2] += ids.numel()
+
+        return hook
+
+    @staticmethod
     def _output_hook(acc: _Accumulator):
         def hook(_mod, _args, out):
             acc.add(_first_tensor(out), "its output")
@@ -217,29 +260,76 @@ class HessianCollector:
     def names(self) -> list[str]:
         return [n for n, a in self._acc.items() if not a.dropped]
 
+    def _seen(self) -> dict[str, _Accumulator]:
+        seen = {n: a for n, a in self._acc.items() if not a.dropped and a.h is not None}
+        seen.update({n: a for n, a in self._functional.items() if a.h is not None and n not in seen})
+        return seen
+
+    def functional_names(self) -> list[str]:
+        """Weights whose Hessian came from an ``F.linear`` call rather than a module hook."""
+        return [n for n, a in self._functional.items() if a.h is not None]
+
+    def lookup_names(self) -> list[str]:
+        """Embedding tables given the lookup Hessian (see the class docstring)."""
+        seen = self._seen()
+        return [n for n, (_, _, c) in self._lookups.items() if c and n not in seen]
+
     def hessians(self) -> dict[str, np.ndarray]:
         """Weight name -> H (sum over rows, accumulation dtype) for every layer that saw input."""
-        return {n: a.h.cpu().numpy().copy() for n, a in self._acc.items() if not a.dropped and a.h is not None}
+        out = {n: a.h.cpu().numpy().copy() for n, a in self._seen().items()}
+        np_dtype = np.float64 if self._dtype == torch.float64 else np.float32
+        for n in self.lookup_names():
+            rows, dim, count = self._lookups[n]
+            out[n] = np.eye(dim, dtype=np_dtype) * (count / rows)
+        return out
 
     def counts(self) -> dict[str, int]:
-        return {n: a.count for n, a in self._acc.items() if not a.dropped and a.h is not None}
+        out = {n: a.count for n, a in self._seen().items()}
+        out.update({n: self._lookups[n][2] for n in self.lookup_names()})
+        return out
 
     def reset(self) -> None:
         self._cache.clear()
-        for a in self._acc.values():
+        for a in (*self._acc.values(), *self._functional.values()):
             a.h, a.count = None, 0
+        for entry in self._lookups.values():
+            entry[2] = 0
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._cache.clear()
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
 
     def __enter__(self) -> "HessianCollector":
+        if self._by_id:
+            self._mode = _LinearCapture(self._by_id)
+            self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class _LinearCapture(TorchFunctionMode):
+    """Sees every ``F.linear`` call (nn.Linear's own included) and feeds the input of those whose
+    weight is one of the collected parameters; identity is safe because the parameters stay alive."""
+
+    def __init__(self, by_id: Mapping[int, _Accumulator]):
+        super().__init__()
+        self.by_id = by_id
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            acc = self.by_id.get(id(w))
+            if acc is not None:
+                acc.add(args[0] if args else kwargs.get("input"), "the input of its F.linear call")
+        return func(*args, **kwargs)
 
 
 def _check_h(name: str, h: np.ndarray, where: str) -> None:
