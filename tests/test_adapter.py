@@ -231,3 +231,22 @@ def test_tied_head_option():
     assert parse_tied_head(None) is None
     with pytest.raises(PgolfError, match="MODULE=WEIGHT"):
         parse_tied_head("final_norm")
+
+
+def test_api_twins_at_the_end_of_a_training_script(tmp_path):
+    """The README's Python path, on the bundled example: what a user calls with a model in hand."""
+    import json
+
+    from pgolf_pack.calib import load_tokens
+    from pgolf_pack.calib.hessian import load_hessians, save_hessians
+
+    model = load_model(EX / "tiny_gpt.safetensors")
+    train = load_tokens(str(EX / "tiny_train_*.bin"))
+    H, counts = collect_hessians(model, calibration_batches(train, n_seqs=2, seq_len=64))
+    assert len(H) == 4 * 6 + 1 and set(counts.values()) == {128}  # the tied head found by its F.linear call
+    save_hessians(tmp_path / "H.safetensors", H, counts)
+    sens = measure_sensitivity(model, *load_hessians(tmp_path / "H.safetensors")[:1], train[: 64 + 1], counts,
+                               seqs=1, seq_len=64)
+    assert set(sens.to_json()) == set(H) and json.dumps(sens.to_json())
+    res = evaluate_bpb(model, load_tokens(str(EX / "tiny_val_*.bin")), SP, seq_len=64, max_seqs=2)
+    assert res["tokens"] == 128 and 1.0 < res["bpb"] < 4.0

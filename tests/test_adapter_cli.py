@@ -124,6 +124,11 @@ def test_custom_architecture_full_path(custom):
     assert fp["tokens"] == q["tokens"] == 24 * 64
     assert fp["architecture"]["source"] == "make_model() from custom_lm.py"
     assert q["bpb"] != fp["bpb"] and abs(q["bpb"] - fp["bpb"]) < 0.1, (fp["bpb"], q["bpb"])
+    # analyze rd scores its decoded points with the same model.
+    rd = run("analyze", "rd", ckpt, "--model", model, "--hessians", d / "H.safetensors", "--tokens", VAL,
+             "--tokenizer", SP, "--pipelines", "ecsq", "--points", 1, "--codec", "zstd", "--max-seqs", 24, *SEQ, "--json")
+    assert rd["fp_bpb"] == pytest.approx(fp["bpb"], abs=1e-12)
+    assert len(rd["points"]) == 1 and rd["points"][0]["bpb"] is not None
 
 
 def test_parameter_golf_script_full_path(pg_script, monkeypatch):

@@ -210,16 +210,32 @@ def _constructor_args(cls: type, hp, file: str) -> tuple[dict, dict]:
                  (isinstance(p.annotation, str) and p.annotation.endswith("Hyperparameters")) or
                  p.annotation is type(hp)]
         if hp is not None and len(unmatched) == 1 and whole:
-            kwargs[whole[0].name] = hp
-            shown = {k: v for k, v in vars(type(hp)).items() if not k.startswith("_") and not callable(v)
-                     and not isinstance(v, (classmethod, staticmethod, property))}
-            shown.update({k: v for k, v in vars(hp).items() if not k.startswith("_")})
+            kwargs[whole[0].name], shown = _recording(hp)
         else:
             names = ", ".join(p.name for p in unmatched)
             src = "its Hyperparameters" if hp is not None else f"{file} (it has no Hyperparameters class)"
             raise PgolfError(f"{cls.__name__}({names}): no default and no attribute of that name in {src}; "
                              f"pass --model {file}:FACTORY with a function that builds the model")
     return kwargs, shown
+
+
+def _recording(hp):
+    """A stand-in for the Hyperparameters object (an instance of a subclass, so isinstance checks
+    pass) that notes each attribute read: what a ``GPT(h)`` constructor used is what it read."""
+    seen: dict = {}
+    base = type(hp)
+
+    class Recorded(base):
+        def __getattribute__(self, name):
+            value = super().__getattribute__(name)
+            if not name.startswith("_") and not callable(value):
+                seen.setdefault(name, value)
+            return value
+
+    Recorded.__name__, Recorded.__qualname__ = base.__name__, base.__qualname__
+    rec = object.__new__(Recorded)
+    rec.__dict__.update(vars(hp))
+    return rec, seen
 
 
 def _script_model(spec: ModelSpec, state_dict: Mapping[str, Tensor], device: str) -> LoadedModel:
@@ -250,9 +266,9 @@ def _script_model(spec: ModelSpec, state_dict: Mapping[str, Tensor], device: str
         raise
     except Exception as e:
         raise PgolfError(f"{file}: {name}(...) with its Hyperparameters failed: {type(e).__name__}: {e}") from None
-    # Only the parameters that reached the constructor describe the model; the rest (paths, seeds,
-    # learning rates) are training settings.
-    return LoadedModel(module.float(), f"{name} from {file}", shown)
+    # Only what reached the constructor describes the model; the rest of the Hyperparameters
+    # (paths, seeds, learning rates) are training settings. A snapshot: the forward reads more.
+    return LoadedModel(module.float(), f"{name} from {file}", dict(shown))
 
 
 def _call_factory(fn: Callable, state_dict, device: str, file: str, name: str) -> nn.Module:
