@@ -94,7 +94,7 @@ def main():
         loss.backward()
         opt.step()
     torch.save(model.state_dict(), "final_model.pt")
-    print(f"final train loss {float(loss):.4f}")
+    print(f"final train loss {loss.item():.4f}")
 
 
 if __name__ == "__main__":
