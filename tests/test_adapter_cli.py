@@ -193,4 +193,22 @@ def test_untraceable_weight_is_named(tmp_path, custom):
                             "-o", str(tmp_path / "H.st"), "--seqs", 2, "--seq-len", 64, "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["no_hessian"] == ["mix"]
-    assert "warning: no Hessian for mix:" in r.output
+    assert "warning: no Hessian for mix (used through double):" in r.output
+
+
+def test_tied_head_applied_by_matmul_needs_the_flag(tmp_path, pg_script, monkeypatch):
+    _, ckpt, _ = pg_script
+    monkeypatch.setenv("NUM_LAYERS", "2")
+    src = tmp_path / "matmul_head.py"
+    src.write_text(TRAIN_GPT.replace("F.linear(x, self.tok_emb.weight)", "x @ self.tok_emb.weight.T"))
+    args = ["calibrate", ckpt, "--model", src, "--tokens", TRAIN, "--seqs", 2, *SEQ, "--json"]
+    r = runner.invoke(app, [str(a) for a in args + ["-o", tmp_path / "H1.st"]])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["no_hessian"] == ["tok_emb.weight"]
+    assert "no Hessian for tok_emb.weight (used through T)" in r.output and "--tied-head MODULE=WEIGHT" in r.output
+    res = run(*args, "-o", tmp_path / "H2.st", "--tied-head", "final_norm=tok_emb.weight")
+    assert res["no_hessian"] == []
+    hs, counts = load_hessians(tmp_path / "H2.st")
+    assert counts["tok_emb.weight"] == 2 * 64 and hs["tok_emb.weight"].shape == (64, 64)
+    one_line_error(args + ["-o", tmp_path / "H3.st", "--tied-head", "head_norm=tok_emb.weight"],
+                   "tied LM head: model has no module named 'head_norm'")

@@ -50,6 +50,7 @@ def collect_hessians(
     batches: Iterable,
     tied_head: Mapping[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    uses: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Run ``model`` over calibration batches and collect H = Σ xᵀx per weight, for any model.
 
@@ -57,7 +58,9 @@ def collect_hessians(
     forward is called as the adapter calls it. Weights come from every Linear-like module, from
     ``F.linear`` calls on a parameter itself (a tied head ``F.linear(x, tok_emb.weight)``), from a
     ``tied_head`` ``{module: weight}`` fed by that module's output, and lookup-only embeddings get
-    the identity Hessian (see :class:`HessianCollector`). ``progress(done, total)`` after each batch.
+    the identity Hessian (see :class:`HessianCollector`). ``progress(done, total)`` after each batch;
+    ``uses``, when given, is filled with the torch functions each other matrix was passed to (what
+    a warning about a matrix without a Hessian can name).
     """
     if isinstance(model, LoadedModel):
         tied_head = tied_head if tied_head is not None else model.tied_head
@@ -74,7 +77,10 @@ def collect_hessians(
                 call_model(model, x.to(device), y.to(device))
                 if progress:
                     progress(i + 1, len(batches))
-            return hc.hessians(), hc.counts()
+            H, counts = hc.hessians(), hc.counts()
+            if uses is not None:
+                uses.update(hc.uses())
+            return H, counts
     finally:
         model.train(was_training)
 

@@ -193,13 +193,17 @@ class HessianCollector:
             self._handles.append(modules[mname].register_forward_hook(self._output_hook(acc)))
 
         self._by_id: dict[int, _Accumulator] = {}
-        self._mode: _LinearCapture | None = None
-        if functional:
+        self._watch: dict[int, str] = {}
+        self._uses: dict[str, set[str]] = {}
+        self._mode: _FunctionalCapture | None = None
+        if functional or lookup_embeddings:
             for pname, p in model.named_parameters():
                 if p.ndim == 2 and p.is_floating_point() and pname not in self._acc:
-                    acc = _Accumulator(pname, int(p.shape[1]), dtype, True, self._cache)
-                    self._functional[pname] = acc
-                    self._by_id[id(p)] = acc
+                    self._watch[id(p)] = pname
+                    if functional:
+                        acc = _Accumulator(pname, int(p.shape[1]), dtype, True, self._cache)
+                        self._functional[pname] = acc
+                        self._by_id[id(p)] = acc
         self._lookups: dict[str, list] = {}
         if lookup_embeddings:
             for mname, mod in modules.items():
@@ -270,9 +274,17 @@ class HessianCollector:
         return [n for n, a in self._functional.items() if a.h is not None]
 
     def lookup_names(self) -> list[str]:
-        """Embedding tables given the lookup Hessian (see the class docstring)."""
+        """Embedding tables given the lookup Hessian (see the class docstring): those the forward
+        used for lookups only; a table also used some other way (a head computed as ``x @ W.T``)
+        is left without one, so the gap is reported instead of hidden."""
         seen = self._seen()
-        return [n for n, (_, _, c) in self._lookups.items() if c and n not in seen]
+        return [n for n, (_, _, c) in self._lookups.items()
+                if c and n not in seen and self._uses.get(n, set()) <= {"embedding"}]
+
+    def uses(self) -> dict[str, list[str]]:
+        """Parameter name -> the torch functions the forward passed it to, for 2-D parameters
+        outside Linear-like modules (needs ``functional`` or ``lookup_embeddings``)."""
+        return {n: sorted(u) for n, u in self._uses.items()}
 
     def hessians(self) -> dict[str, np.ndarray]:
         """Weight name -> H (sum over rows, accumulation dtype) for every layer that saw input."""
@@ -305,8 +317,8 @@ class HessianCollector:
             mode.__exit__(None, None, None)
 
     def __enter__(self) -> "HessianCollector":
-        if self._by_id:
-            self._mode = _LinearCapture(self._by_id)
+        if self._watch:
+            self._mode = _FunctionalCapture(self._by_id, self._watch, self._uses)
             self._mode.__enter__()
         return self
 
@@ -314,16 +326,30 @@ class HessianCollector:
         self.remove()
 
 
-class _LinearCapture(TorchFunctionMode):
-    """Sees every ``F.linear`` call (nn.Linear's own included) and feeds the input of those whose
-    weight is one of the collected parameters; identity is safe because the parameters stay alive."""
+def _func_name(func) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":  # a tensor property such as .T: name the property
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
 
-    def __init__(self, by_id: Mapping[int, _Accumulator]):
+
+class _FunctionalCapture(TorchFunctionMode):
+    """Sees every torch function call the forward makes (nn.Linear's own F.linear included): feeds
+    the input of ``F.linear`` calls whose weight is one of the collected parameters, and notes
+    which functions each watched parameter is passed to. Identity is safe because the parameters
+    stay alive; a cast, slice or reshape of one is a new tensor and is not followed."""
+
+    def __init__(self, by_id: Mapping[int, _Accumulator], watch: Mapping[int, str], uses: dict[str, set[str]]):
         super().__init__()
-        self.by_id = by_id
+        self.by_id, self.watch, self.uses = by_id, watch, uses
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                name = self.watch.get(id(a))
+                if name is not None:
+                    self.uses.setdefault(name, set()).add(_func_name(func))
         if func is F.linear:
             w = args[1] if len(args) > 1 else kwargs.get("weight")
             acc = self.by_id.get(id(w))

@@ -23,6 +23,11 @@ def _advance(step):
     return on_batch
 
 
+def _with_uses(name: str, uses: dict) -> str:
+    how = [u for u in uses.get(name, []) if u != "embedding"]
+    return f"{name} (used through {', '.join(how)})" if how else name
+
+
 @app.command()
 @handle_errors
 def calibrate(
@@ -60,7 +65,8 @@ def calibrate(
     loaded = build_cli_model(sd, model, model_class, device, reference_overrides(num_heads, num_kv_heads), tied)
     t0 = time.perf_counter()
     with progress(not json_out, len(batches), "calibrate") as step:
-        H, counts = collect_hessians(loaded, batches, progress=_advance(step))
+        uses: dict = {}
+        H, counts = collect_hessians(loaded, batches, progress=_advance(step), uses=uses)
     missing = weights_without_hessian(loaded.module, H)
     meta = {"checkpoint": Path(checkpoint).name, "seqs": seqs, "seq_len": seq_len, "seed": seed, "tokens": tokens}
     if model is not None:
@@ -69,7 +75,8 @@ def calibrate(
     dt = time.perf_counter() - t0
     if missing:
         err_console.print(
-            f"warning: no Hessian for {', '.join(missing)}: not the weight of a Linear-like module, of an F.linear call "
+            f"warning: no Hessian for {', '.join(_with_uses(n, uses) for n in missing)}: not the weight of a Linear-like "
+            "module, of an F.linear call "
             "on the parameter itself, or a --tied-head; a cast, slice or `x @ W.T` cannot be traced. Quantize them "
             "without --hessians, collect them in your script (HessianCollector), or name the module feeding a tied "
             "head with --tied-head MODULE=WEIGHT", markup=False, soft_wrap=True)
