@@ -269,10 +269,6 @@ class HessianCollector:
         seen.update({n: a for n, a in self._functional.items() if a.h is not None and n not in seen})
         return seen
 
-    def functional_names(self) -> list[str]:
-        """Weights whose Hessian came from an ``F.linear`` call rather than a module hook."""
-        return [n for n, a in self._functional.items() if a.h is not None]
-
     def lookup_names(self) -> list[str]:
         """Embedding tables given the lookup Hessian (see the class docstring): those the forward
         used for lookups only; a table also used some other way (a head computed as ``x @ W.T``)
@@ -306,6 +302,7 @@ class HessianCollector:
             a.h, a.count = None, 0
         for entry in self._lookups.values():
             entry[2] = 0
+        self._uses.clear()
 
     def remove(self) -> None:
         for h in self._handles:
