@@ -76,10 +76,13 @@ def calibrate(
     if missing:
         err_console.print(
             f"warning: no Hessian for {', '.join(_with_uses(n, uses) for n in missing)}: not the weight of a Linear-like "
-            "module, of an F.linear call "
-            "on the parameter itself, or a --tied-head; a cast, slice or `x @ W.T` cannot be traced. Quantize them "
-            "without --hessians, collect them in your script (HessianCollector), or name the module feeding a tied "
-            "head with --tied-head MODULE=WEIGHT", markup=False, soft_wrap=True)
+            "module, of an F.linear call on the parameter itself, or a --tied-head; a cast, slice or `x @ W.T` cannot "
+            "be traced. Quantize them without --hessians, collect them in your script (HessianCollector), or name the "
+            "module feeding a tied head with --tied-head MODULE=WEIGHT", markup=False, soft_wrap=True)
+        # The challenge's names: a tied head fed by final_norm is the usual case, so spell the flag out.
+        if "tok_emb.weight" in missing and "final_norm" in dict(loaded.module.named_modules()):
+            err_console.print("hint: if tok_emb.weight is the tied output head applied to final_norm's output, rerun "
+                              "with --tied-head final_norm=tok_emb.weight", markup=False, soft_wrap=True)
     rows = max(counts.values(), default=0)
     if json_out:
         print_json({"output": str(output), "tensors": len(H), "rows": rows, "seconds": dt, "no_hessian": missing,
