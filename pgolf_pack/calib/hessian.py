@@ -371,9 +371,7 @@ def save_hessians(
     meta: Mapping | None = None,
     dtype=np.float32,
 ) -> Path:
-    """Atomically write the Hessian file described in the module docstring."""
-    from safetensors.numpy import save_file
-
+    """Atomically write the Hessian file described in the module docstring; same input, same bytes."""
     tensors = {}
     for name, h in hessians.items():
         h = np.asarray(h.cpu().numpy() if isinstance(h, torch.Tensor) else h)
@@ -390,7 +388,30 @@ def save_hessians(
         "counts": json.dumps({k: int(v) for k, v in counts.items()}),
         "meta": json.dumps(dict(meta or {})),
     }
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+    return atomic_write(path, lambda p: _write_safetensors(p, tensors, metadata))
+
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """The safetensors layout written by hand, keys sorted: the library writes its metadata map in
+    hash order, so two runs of the same calibration gave files with different bytes."""
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise PgolfError(f"save_hessians: Hessians are stored as float32 or float64, not {t.dtype}")
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to a multiple of 8
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in sorted(tensors):
+            f.write(tensors[name].astype(tensors[name].dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def load_hessians(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, int]]:
