@@ -3,10 +3,11 @@
 One global λ (loss per bit) sets every matrix's step so the marginal loss per byte is the same
 everywhere. The loss of matrix t is modelled as ``sens_t · trace(ΔW H ΔWᵀ)`` with H the
 count-normalised Hessian (GPTQ's objective) and ``sens_t`` a per-tensor sensitivity (1 by
-default; measured by :func:`measure_sensitivity_perturb` — quantize one matrix, score the loss on
-training tokens — or estimated from output-gradient moments by :func:`measure_sensitivity`). The
-proxy alone is not comparable across layers (on the bench checkpoint the measured multipliers
-span six orders of magnitude, deep layers being nearly free), so budgets want measured values. At high rate a step s on an entry whose
+default; measured by :func:`pgolf_pack.calib.sensitivity.measure_sensitivity` — quantize one
+matrix, score the loss on training tokens; a model runs there, so it lives in calib/). The proxy
+alone is not comparable across layers (on the bench checkpoint the measured multipliers span six
+orders of magnitude, deep layers being nearly free), so budgets want measured values. At high
+rate a step s on an entry whose
 squared error carries weight ω costs D ≈ ω s²/12 and R ≈ h - log2 s bits, so dD/dR = -(ln2/6)·ω s².
 Equal slope λ across all entries of all matrices therefore asks for
 
