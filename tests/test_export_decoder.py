@@ -245,3 +245,28 @@ def test_export_decoder_cli_writes_and_reports(tmp_path, exported):
     out = cli_ok("export-decoder", art, "-o", tmp_path / "raw.py", "--no-minify")
     assert "readable source" in out and (tmp_path / "raw.py").stat().st_size == info["raw"]
     one_line_error(cli("export-decoder", art, "-o", art), "refusing to overwrite")
+
+
+def test_example_submission_scores_through_the_exported_decoder(tmp_path):
+    from conftest import EX_CKPT, EX_TOKENIZER, EXAMPLES
+
+    val = EXAMPLES / "tiny_val_000000.bin"
+    art = tmp_path / "model.pgp"
+    cli_ok("quantize", EX_CKPT, "-o", art, "--codec", "entropy", "--json")
+    cli_ok("export-decoder", art, "-o", tmp_path / "pgp_decode.py", "--json")
+    for f in (EXAMPLES / "submission" / "train_gpt.py", val, EX_TOKENIZER):
+        shutil.copy(f, tmp_path)
+    # As a submission runs: its own directory, no PYTHONPATH; pgolf_pack blocked.
+    run = ("import runpy, sys\nclass B:\n def find_spec(self, n, p=None, t=None):\n"
+           f"  if n.split('.')[0] in {FORBIDDEN!r}: raise ImportError(n)\n"
+           "sys.meta_path.insert(0, B()); sys.path.insert(0, '.')\n"
+           f"sys.argv = ['train_gpt.py', '--val', {val.name!r}, '--tokenizer', {EX_TOKENIZER.name!r}, '--max-seqs', '4']\n"
+           "runpy.run_path('train_gpt.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-I", "-c", run], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    bpb = float(r.stdout.split("val_bpb ")[1].split()[0])
+    ref = cli_ok("eval", art, "--tokens", val, "--tokenizer", EX_TOKENIZER, "--seq-len", "256", "--max-seqs", "4", "--json")
+    assert abs(bpb - ref["bpb"]) < 1e-4
+    b = cli_ok("analyze", "budget", art, "--code", tmp_path / "train_gpt.py", "--json")
+    assert b["decoder_bytes"] == (tmp_path / "pgp_decode.py").stat().st_size
+    assert b["total_bytes"] == art.stat().st_size + b["decoder_bytes"] + b["code_bytes"] and b["fits"]
