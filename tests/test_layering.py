@@ -10,8 +10,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "pgolf_pack"
 
 # Packages and modules that sit above quant/ (or run a model: calib/).
-ABOVE_QUANT = ("pack", "calib", "analyze", "cli", "pipeline", "methods", "api", "rd_search", "verify")
-ABOVE_PACK = ("calib", "analyze", "cli", "pipeline", "methods", "api", "rd_search", "verify")
+ABOVE_QUANT = ("pack", "calib", "analyze", "cli", "pipeline", "methods", "api", "rd_search", "verify", "ship")
+ABOVE_PACK = ("calib", "analyze", "cli", "pipeline", "methods", "api", "rd_search", "verify", "ship")
 
 
 def imports_in(source: str, package: list[str]) -> set[str]:
