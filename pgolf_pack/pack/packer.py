@@ -9,8 +9,9 @@ passthrough, factors) go to small side groups split by item size so byte-shuffle
 from __future__ import annotations
 
 import re
+import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -322,18 +323,35 @@ def _group_members(manifest: dict) -> list[list[tuple[int, str, dict]]]:
     return members
 
 
-def unpack_model(blob: bytes, workers: int = 2) -> tuple[QuantizedModel, dict]:
-    """Decode an artifact back into quantized tensors; every group's checksums are verified."""
-    manifest, payload = read_container(blob)
-    members = _group_members(manifest)
+def unpack_model(blob: bytes, workers: int = 2, max_decoded_bytes: int | None = None) -> tuple[QuantizedModel, dict]:
+    """Decode an artifact back into quantized tensors; every group's checksums are verified.
 
-    def work(gi: int) -> list[np.ndarray]:
+    Order matters for hostile files: the whole manifest is validated first (``read_container``),
+    then every payload checksum, and only then does any decoder run; the first group that fails
+    cancels the ones not yet started. ``max_decoded_bytes``: see :func:`.container.read_container`.
+    """
+    manifest, payload = read_container(blob, max_decoded_bytes)
+    members = _group_members(manifest)
+    datas = [group_payload(g, payload) for g in manifest["groups"]]
+
+    stop = threading.Event()
+
+    def work(gi: int) -> list[np.ndarray] | None:
+        # After the first failure every group still queued returns at once instead of decoding.
+        if stop.is_set():
+            return None
+        try:
+            return decode_one(gi)
+        except BaseException:
+            stop.set()
+            raise
+
+    def decode_one(gi: int) -> list[np.ndarray]:
         g = manifest["groups"][gi]
-        data = group_payload(g, payload)
         shapes = [tuple(m[2]["shape"]) for m in members[gi]]
         dtypes = [m[2]["dtype"] for m in members[gi]]
         try:
-            arrays = decode_group(g, data, g["kind"], shapes, dtypes, g["lo"], g["hi"])
+            arrays = decode_group(g, datas[gi], g["kind"], shapes, dtypes, g["lo"], g["hi"])
         except ArtifactError as e:
             raise ArtifactError(f"group {g['name']} cannot be decoded: {e}") from None
         except Exception as e:  # a codec library's own error on damaged data
@@ -342,8 +360,16 @@ def unpack_model(blob: bytes, workers: int = 2) -> tuple[QuantizedModel, dict]:
             raise ArtifactError(f"group {g['name']} decoded to wrong data (checksum mismatch)")
         return arrays
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        decoded = list(ex.map(work, range(len(manifest["groups"]))))
+    ex = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        futures = [ex.submit(work, gi) for gi in range(len(datas))]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f in done and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        decoded = [f.result() for f in futures]
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
     tensors = []
     for t in manifest["tensors"]:
         streams = {}
