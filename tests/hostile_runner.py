@@ -21,6 +21,14 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _vm_peak_mb() -> float | None:
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmPeak:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
 def _api(path: str) -> str:
     from pgolf_pack.errors import PgolfError
     from pgolf_pack.pack.packer import unpack_model
@@ -61,6 +69,7 @@ def main(cases_path: str, out_path: str) -> None:
             res["cli"][cmd] = _cli(args)
         res["wrote_output"] = out.exists()
         res["rss_growth_mb"] = _rss_mb() - before
+        res["rss_mb"], res["vm_peak_mb"] = _rss_mb(), _vm_peak_mb()
         results.append(res)
         Path(out_path).write_text(json.dumps(results))  # partial results survive a crash
     Path(out_path).write_text(json.dumps(results))
