@@ -4,7 +4,8 @@ Each crafted artifact starts from a real small artifact (every scheme, LQER, row
 and bfloat16 passthrough) packed by ``pack_model``; its manifest is edited and re-serialised with
 valid CRCs (``write_container``, or a raw header for edits ``write_container`` would repair, such
 as offsets). Every case must fail with an ArtifactError through the API and one ``error:`` line
-through ``unpack``, ``verify-roundtrip`` and ``inspect``, run in a child process under an
+through ``unpack``, ``verify-roundtrip`` and ``inspect`` (payload bombs: the two commands that
+decode payloads; ``inspect`` lists a valid manifest without decoding), run in a child process under an
 address-space limit a correct decoder stays far below, with its peak RSS watched per case so a
 decoder that inflates a bomb before refusing it cannot pass by luck.
 """

@@ -4,6 +4,9 @@ A :class:`QuantizedTensor` is plain data: a scheme name, JSON-able parameters an
 streams. ``symbols`` streams hold integer codes the packer groups and entropy-codes; ``side``
 streams (scales, factors, permutations) go to the remainder group. Decoding a tensor needs only
 this data and the scheme's registered dequantizer, so packers never need to know the schemes.
+Each scheme also registers a check (:func:`register_check`) that its streams and parameters imply
+exactly the tensor's shape; artifacts are validated with it before decoding, and the dequantizer
+runs it too.
 """
 
 from __future__ import annotations
