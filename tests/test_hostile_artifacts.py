@@ -122,7 +122,7 @@ def bombs() -> dict[str, bytes]:
     b = brotli.Compressor(quality=5)
     out = {"brotli": _zeros(b.process, b.finish, BOMB)}
     if _bounded_codecs():
-        z = zstandard.ZstdCompressor(level=3).compressobj()
+        z = zstandard.ZstdCompressor(level=3).compressobj(size=BOMB)  # the frame header says 1 GiB, truthfully
         x = lzma.LZMACompressor(format=lzma.FORMAT_ALONE, preset=1)
         out["zstd"] = _zeros(z.compress, z.flush, BOMB)
         out["lzma"] = _zeros(x.compress, x.flush, BOMB // 4)
