@@ -182,12 +182,30 @@ def _short(v: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _codecs_for(kind: str) -> tuple[str, ...]:
-    from .packer import CODEC_CHOICES
+def _takes(codec: str) -> str:
+    """What ``codec`` codes: "symbols" (arrays; symbol groups only) or "bytes"."""
+    from . import codecs
 
-    names = tuple(c for c in CODEC_CHOICES if not c.startswith("auto"))
-    # The entropy coder models symbol arrays; side groups are plain bytes.
-    return names if kind == "symbols" else tuple(c for c in names if c != "entropy")
+    # The codec table names it; the entropy coder may predate its entry there.
+    return getattr(codecs.CODECS.get(codec), "takes", "symbols" if codec == "entropy" else "bytes")
+
+
+def _codecs_for(kind: str) -> tuple[str, ...]:
+    from . import codecs
+
+    names = tuple(codecs.CODECS) + (() if "entropy" in codecs.CODECS else ("entropy",))
+    return names if kind == "symbols" else tuple(c for c in names if _takes(c) == "bytes")
+
+
+def _descriptor_fields(codec: str, kind: str) -> set[str]:
+    """The fields a group's descriptor adds for its codec: what the codec records for a re-pack
+    (the entropy coder's model), a byte layout for symbols, the shuffle flag for side bytes."""
+    from . import codecs
+
+    records = getattr(codecs.CODECS.get(codec), "records", ("model",) if codec == "entropy" else ())
+    if kind == "side":
+        return {"shuffle", *records}
+    return {*records, *(("layout",) if _takes(codec) == "bytes" else ())}
 
 
 def _entropy_models() -> tuple[str, ...]:
@@ -204,7 +222,7 @@ def _check_group(i: int, g: object) -> dict:
         _fail(where, f"expected an object, got {type(g).__name__}")
     kind = _str(g.get("kind"), f"{where}.kind", ("symbols", "side"))
     codec = _str(g.get("codec"), f"{where}.codec", _codecs_for(kind))
-    extra = {"model"} if codec == "entropy" else ({"layout"} if kind == "symbols" else {"shuffle"})
+    extra = _descriptor_fields(codec, kind)
     _obj(g, where, _GROUP_KEYS | extra)
     _str(g["name"], f"{where}.name")
     lo = _int(g["lo"], f"{where}.lo", -SYMBOL_BOUND, SYMBOL_BOUND)
@@ -215,16 +233,16 @@ def _check_group(i: int, g: object) -> dict:
         _int(g[k], f"{where}.{k}", 0, 1 << 62)
     if not isinstance(g["codec_params"], dict):
         _fail(where, "codec_params must be an object")
-    if "model" in extra:
+    if codec == "entropy" and "model" in extra:
         _str(g["model"], f"{where}.model", _entropy_models())
-    elif "layout" in extra:
+    if "layout" in extra:
         from .layout import Layout
 
         try:
             Layout.from_dict(g["layout"])
         except ArtifactError as e:
             _fail(where, str(e))
-    elif not isinstance(g["shuffle"], bool):
+    if "shuffle" in extra and not isinstance(g["shuffle"], bool):
         _fail(where, f"shuffle must be true or false, got {_short(g['shuffle'])}")
     return g
 
