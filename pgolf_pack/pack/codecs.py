@@ -86,21 +86,29 @@ def _brotli_compress(data: bytes) -> bytes:
     return brotli.compress(data, mode=brotli.MODE_GENERIC, quality=BROTLI_QUALITY, lgwin=BROTLI_LGWIN)
 
 
+_BROTLI_STEP = 1 << 20
+
+
 def brotli_decompress(data: bytes, max_out: int) -> bytes:
-    # process() with an output limit hands back at most about that much per call, so a bomb
-    # is stopped after max_out + one buffer, never inflated whole.
+    # process() with an output limit hands back at most about that much per call; steps of at
+    # most a MiB stop a bomb after max_out + one step, never inflated whole or in one allocation.
     d = brotli.Decompressor()
     out, total = [], 0
+    step = min(max_out + 1, _BROTLI_STEP)
     try:
-        chunk = d.process(data, output_buffer_limit=max_out + 1)
+        chunk = d.process(data, output_buffer_limit=step)
         while True:
             out.append(chunk)
             total += len(chunk)
             if total > max_out:
                 raise _too_big("brotli", max_out)
-            if d.is_finished() or d.can_accept_more_data():
+            if d.is_finished():
                 break
-            chunk = d.process(b"", output_buffer_limit=max_out + 1 - total)
+            # can_accept_more_data() is true even with output pending, so drain until a call
+            # yields nothing: then the input is used up and the stream has not ended.
+            chunk = d.process(b"", output_buffer_limit=min(max_out + 1 - total, _BROTLI_STEP))
+            if not chunk:
+                break
     except brotli.error as e:
         raise ArtifactError(f"brotli payload is corrupted or truncated ({e})") from None
     if not d.is_finished():
@@ -401,21 +409,21 @@ CODECS: dict[str, Codec] = {
     )
 }
 
-class _DecoderTable(Mapping):
-    """The decode functions of the registered codecs that take ``takes``, by name.
+class _RegistryView(Mapping):
+    """One field of the registered codecs (those that take ``takes``, or all), by codec name.
 
-    A live view of ``CODECS`` (adding a codec stays one registration). Decoding looks codecs up
-    here and nowhere else, so the exported decoder (pgolf_pack.ship) can stand a plain dict of
-    the entries its artifact names in its place.
+    A live view of ``CODECS`` (adding a codec stays one registration). Decoding and the manifest
+    check look codecs up in these views and nowhere else, so the exported decoder
+    (pgolf_pack.ship) can stand plain dicts of the entries its artifact names in their place.
     """
 
-    def __init__(self, takes: str) -> None:
-        self.takes = takes
+    def __init__(self, field: str, takes: str | None = None) -> None:
+        self.field, self.takes = field, takes
 
-    def _table(self) -> dict[str, Callable]:
-        return {n: c.decode for n, c in CODECS.items() if c.takes == self.takes}
+    def _table(self) -> dict:
+        return {n: getattr(c, self.field) for n, c in CODECS.items() if self.takes in (None, c.takes)}
 
-    def __getitem__(self, name: str) -> Callable:
+    def __getitem__(self, name: str):
         return self._table()[name]
 
     def __iter__(self):
@@ -425,8 +433,9 @@ class _DecoderTable(Mapping):
         return len(self._table())
 
 
-BYTE_DECODERS = _DecoderTable("bytes")
-SYMBOL_DECODERS = _DecoderTable("symbols")
+BYTE_DECODERS = _RegistryView("decode", "bytes")
+SYMBOL_DECODERS = _RegistryView("decode", "symbols")
+CODEC_RECORDS = _RegistryView("records")  # the descriptor fields each codec records for a re-pack
 
 
 def get(codec: str) -> Codec:

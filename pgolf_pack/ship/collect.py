@@ -175,8 +175,13 @@ class Collector:
             raise ExportError(f"{name} has no entry {missing[0]!r}")
         items = []
         for k in keys:
-            fn = mapping[k]
-            items.append(f"{k!r}: {self.add(fn.__name__, fn, where)}")
+            v = mapping[k]
+            if callable(v):
+                items.append(f"{k!r}: {self.add(v.__name__, v, where)}")
+            elif ast.literal_eval(repr(v)) == v:
+                items.append(f"{k!r}: {v!r}")
+            else:
+                raise ExportError(f"{name}[{k!r}] is neither a function nor a literal")
         self.blocks.append(f"{out} = {{{', '.join(items)}}}")
         return out
 
@@ -197,6 +202,16 @@ class Collector:
         return out
 
     def _constant(self, key, name: str, where: str) -> str:
+        line = _import_line(where, name)
+        if line is not None:  # a library constant (``from concurrent.futures import FIRST_EXCEPTION``)
+            return self._import(key, name, line)
+        alias = _aliased_import(where, name)
+        if alias is not None:  # ``from .x import A as B``: A under its own name, then B = A
+            src, orig = alias
+            got = self.add(orig, getattr(sys.modules[src], orig), src)
+            out = self._claim(key, name)
+            self.blocks.append(f"{out} = {got}")
+            return out
         mod_name, stmt = _find_assignment(where, name)
         sid = (mod_name, stmt.lineno)
         if sid in self._stmt_names and name in self._stmt_names[sid]:
@@ -305,4 +320,15 @@ def _import_line(module: str, name: str) -> str | None:
             for a in stmt.names:
                 if (a.asname or a.name) == name:
                     return ast.unparse(ast.ImportFrom(module=stmt.module, names=[a], level=0))
+    return None
+
+
+def _aliased_import(module: str, name: str) -> tuple[str, str] | None:
+    """(source module, original name) when ``module`` binds ``name`` by a renaming package import."""
+    for stmt in ast.parse(inspect.getsource(sys.modules[module])).body:
+        if isinstance(stmt, ast.ImportFrom) and (stmt.level or (stmt.module or "").startswith(PKG)):
+            for a in stmt.names:
+                if a.asname == name and a.name != name:
+                    src = _resolve_relative(module, stmt.level, stmt.module) if stmt.level else stmt.module
+                    return src, a.name
     return None

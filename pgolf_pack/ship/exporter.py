@@ -59,7 +59,7 @@ def _needs(manifest: dict) -> tuple[list[str], list[str], list[str], list[str]]:
             raise ExportError(f"group {g.get('name')} uses codec {name!r}, which this pgolf-pack cannot decode")
     base._ensure_schemes_loaded()
     schemes = {t["scheme"] for t in manifest["tensors"]}
-    unknown = schemes - set(base._SCHEMES)
+    unknown = schemes - set(base.known_schemes())
     if unknown:
         raise ExportError(f"artifact uses scheme {sorted(unknown)[0]!r}, which this pgolf-pack cannot decode")
     corrections = {k for k in base._CORRECTIONS for t in manifest["tensors"] if k in t["params"]}
@@ -75,6 +75,9 @@ def export_decoder(blob: bytes) -> ExportedDecoder:
         id(codecs.SYMBOL_DECODERS): (codecs.SYMBOL_DECODERS, symbol_codecs),
         id(base._SCHEMES): (base._SCHEMES, schemes),
         id(base._CORRECTIONS): (base._CORRECTIONS, corrections),
+        id(codecs.CODEC_RECORDS): (codecs.CODEC_RECORDS, byte_codecs + symbol_codecs),
+        id(base._CHECKS): (base._CHECKS, schemes),
+        id(base._CORRECTION_CHECKS): (base._CORRECTION_CHECKS, corrections),
     }
     subs = {
         id(bitpack.unpack_bits): bitpack.unpack_bits_np,
