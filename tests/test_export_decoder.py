@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import cli, cli_ok, make_state_dict, one_line_error
 from pgolf_pack.kernels.bitpack import pack_bits, unpack_bits, unpack_bits_np, unpacked_dtype
 from pgolf_pack.kernels.shuffle import byte_shuffle, byte_unshuffle, byte_unshuffle_ref
+from pgolf_pack.pack.container import read_container, write_container
 from pgolf_pack.pack.layout import Layout, bits_for_range
 from pgolf_pack.pack.packer import pack_model, unpack_model
 from pgolf_pack.pipeline import LqerOptions, quantize_tensors
@@ -103,7 +104,14 @@ def _corruptions(blob: bytes, manifest: dict) -> list[bytes]:
     g = max(manifest["groups"], key=lambda g: g["length"])
     flip = bytearray(blob)
     flip[len(blob) - sum(x["length"] for x in manifest["groups"]) + g["offset"] + g["length"] // 2] ^= 0x10
-    return [bytes(flip), blob[:-3], b"PGPK" + bytes([9]) + blob[5:]]
+    # A manifest that adds up but asks for terabytes: refused before anything is allocated.
+    man, payload = read_container(blob)
+    payloads = [bytes(payload[x["offset"]:x["offset"] + x["length"]]) for x in man["groups"]]
+    t = max(man["tensors"], key=lambda t: len(t["shape"]) == 2 and t["scheme"] == "intk")
+    for s in t["streams"].values():
+        s["shape"] = [1 << 30] + s["shape"][1:]
+    t["shape"] = [1 << 30] + t["shape"][1:]
+    return [bytes(flip), blob[:-3], b"PGPK" + bytes([9]) + blob[5:], write_container(man, payloads)]
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +181,11 @@ def test_exported_decoders_match_unpack_bit_for_bit(exported):
 def test_exported_decoders_refuse_damaged_artifacts(exported):
     _, _, results = exported
     for r in results:
-        assert len(r["errors"]) == 3 and all(r["errors"]), r
-        flipped, truncated, version = r["errors"]
+        assert len(r["errors"]) == 4 and all(r["errors"]), r
+        flipped, truncated, version, huge = r["errors"]
         assert "corrupted" in flipped or "checksum" in flipped
         assert "truncated" in truncated and "version 9" in version
+        assert "over the limit" in huge or "implies" in huge or "expected" in huge, huge
 
 
 def test_an_intk_brotli_decoder_never_imports_constriction(exported):
