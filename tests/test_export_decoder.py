@@ -188,6 +188,16 @@ def test_exported_decoders_refuse_damaged_artifacts(exported):
         assert "over the limit" in huge or "implies" in huge or "expected" in huge, huge
 
 
+def test_a_decoder_imports_only_the_codec_libraries_its_artifact_names(exported):
+    _, cases, _ = exported
+    for c in cases:
+        libs = {line.split()[1].split(".")[0] for line in c["imports"]}
+        assert ("constriction" in libs) == ("entropy" in c["codecs"])
+        assert ("zstandard" in libs) == ("zstd" in c["codecs"])
+        assert ("subprocess" in libs) == any(x.startswith("lrzip") for x in c["codecs"])
+        assert "brotli" in libs and not libs & set(FORBIDDEN)
+
+
 def test_an_intk_brotli_decoder_never_imports_constriction(exported):
     _, cases, results = exported
     by = {r["module"]: r for r in results}

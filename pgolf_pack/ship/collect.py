@@ -133,8 +133,8 @@ class Collector:
         return self._constant(key, name, where)
 
     def source(self, header: str = "") -> str:
-        parts = [header, "from __future__ import annotations", *self.imports, *self.blocks]
-        return "\n".join(p for p in parts if p) + "\n"
+        head = "\n".join(p for p in [header, "from __future__ import annotations", *self.imports] if p)
+        return "\n\n\n".join([head, *self.blocks]) + "\n"
 
     # -- kinds of names -------------------------------------------------------------------------
 
