@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pgolf_pack.calib.bpb import evaluate_bpb  # noqa: E402
 from pgolf_pack.calib.hessian import load_hessians  # noqa: E402
-from pgolf_pack.calib.model import load_model  # noqa: E402
+from pgolf_pack.calib.adapter import load_model  # noqa: E402
 from pgolf_pack.calib.shards import load_tokens  # noqa: E402
 from pgolf_pack.checkpoint import load_checkpoint  # noqa: E402
 from pgolf_pack.pack.packer import pack_model, unpack_model  # noqa: E402

@@ -29,7 +29,9 @@ from pgolf_pack.analyze.rd import compare, plot_rd, rd_curves  # noqa: E402
 from pgolf_pack.calib.hessian import load_hessians  # noqa: E402
 from pgolf_pack.calib.shards import read_shard  # noqa: E402
 from pgolf_pack.checkpoint import load_checkpoint  # noqa: E402
-from pgolf_pack.quant.allocate import RDConfig, measure_sensitivity_perturb  # noqa: E402
+from pgolf_pack.calib.adapter import load_model  # noqa: E402
+from pgolf_pack.calib.sensitivity import measure_sensitivity  # noqa: E402
+from pgolf_pack.quant.allocate import RDConfig  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
 CKPT = BENCH / "baseline_9x512_sp1024.safetensors"
@@ -76,7 +78,8 @@ def main() -> None:
         else:
             mid = len(train) // 2  # away from the tuning slice at the end
             t0 = time.perf_counter()
-            s = measure_sensitivity_perturb(sd, hs, counts, train[mid: mid + args.sens_seqs * 1024 + 1], seqs=args.sens_seqs)
+            s = measure_sensitivity(load_model(sd), hs, train[mid: mid + args.sens_seqs * 1024 + 1], counts,
+                                    seqs=args.sens_seqs, names=list(sd))
             sens = s.tensor
             path.write_text(json.dumps(sens, indent=1))
             print(f"measured sensitivities in {time.perf_counter() - t0:.0f}s -> {path}", file=sys.stderr)

@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pgolf_pack.calib.bpb import evaluate_bpb, target_bytes, token_byte_luts  # noqa: E402
-from pgolf_pack.calib.model import GPT, GPTConfig, load_model  # noqa: E402
+from pgolf_pack.calib import GPT, GPTConfig, load_model  # noqa: E402
 from pgolf_pack.calib.shards import read_shard, write_shard  # noqa: E402
 from pgolf_pack.checkpoint import save_safetensors  # noqa: E402
 from pgolf_pack.fileio import atomic_write, atomic_write_bytes  # noqa: E402

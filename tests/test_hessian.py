@@ -331,3 +331,36 @@ def test_bfloat16_inputs_use_a_float32_product():
     with HessianCollector(lin) as hc:
         lin(x)
     assert_h_close(hc.hessians()["weight"], xtx(x.float()), rel=1e-6)
+
+
+def test_hessian_file_bytes_are_deterministic_and_standard(tmp_path):
+    """Same Hessians, same bytes (the safetensors library writes its metadata in hash order); the
+    file is plain safetensors that the library itself reads."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    script = (
+        "import sys, numpy as np\n"
+        "from pgolf_pack.calib.hessian import save_hessians\n"
+        "x = np.arange(12.0).reshape(4, 3)\n"
+        "save_hessians(sys.argv[1], {'b.weight': x.T @ x, 'a.weight': np.eye(2)}, {'a.weight': 5, 'b.weight': 4},\n"
+        "              {'seqs': 2, 'tokens': 'train_*.bin'})\n")
+    import os
+    from pathlib import Path
+
+    import pgolf_pack
+
+    root = str(Path(pgolf_pack.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    paths = [tmp_path / f"H{i}.safetensors" for i in range(3)]
+    for p in paths:  # separate processes: each gets its own hash seed
+        subprocess.run([sys.executable, "-c", script, str(p)], check=True, env=env)
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+    hs, counts, meta = load_hessians_with_meta(paths[0])
+    assert counts == {"a.weight": 5, "b.weight": 4} and meta == {"seqs": 2, "tokens": "train_*.bin"}
+    lib = load_file(str(paths[0]))
+    x = np.arange(12.0).reshape(4, 3)
+    np.testing.assert_array_equal(lib["b.weight"], (x.T @ x).astype(np.float32))
+    np.testing.assert_array_equal(hs["a.weight"], np.eye(2, dtype=np.float32))

@@ -118,11 +118,11 @@ def compare(rep: RDReport, ref: str = "record", knob: float = 1.0) -> dict:
     return out
 
 
-def _evaluate(state: Mapping[str, torch.Tensor], tokens, tokenizer, max_seqs: int | None, seq_len: int) -> dict:
+def _evaluate(loaded, state: Mapping[str, torch.Tensor], tokens, tokenizer, max_seqs: int | None, seq_len: int) -> dict:
     from ..calib.bpb import evaluate_bpb
-    from ..calib.model import load_model
 
-    return evaluate_bpb(load_model(state), tokens, tokenizer, seq_len=seq_len, max_seqs=max_seqs)
+    loaded.load_weights(state)
+    return evaluate_bpb(loaded, tokens, tokenizer, seq_len=seq_len, max_seqs=max_seqs)
 
 
 def _roundtrip(blob: bytes) -> tuple[dict[str, torch.Tensor], float]:
@@ -153,10 +153,14 @@ def rd_curves(
     on_point: Callable[[RDPoint], None] | None = None,
     eval_float: bool = True,
     record_codec: str = "lrzip",
+    model=None,
+    device: str = "cpu",
 ) -> RDReport:
     """Measure every pipeline at ``points`` settings. Without ``tokens`` BPB is left out (bytes and
     the Hessian proxy only). ``lambdas`` fixes the λ grid; else it spans ``lambda_span`` (ratio of
-    largest to smallest) around the λ predicted to match the record point's bytes."""
+    largest to smallest) around the λ predicted to match the record point's bytes. BPB runs the
+    adapter's model: ``model`` is a :class:`~pgolf_pack.calib.adapter.ModelSpec` (None: the
+    reference GPT), built once on ``device``; each decoded artifact is loaded into it strictly."""
     unknown = [p for p in pipelines if p not in PIPELINES]
     if unknown:
         raise PgolfError(f"unknown pipeline {unknown[0]!r}; choose from {', '.join(PIPELINES)}")
@@ -168,7 +172,12 @@ def rd_curves(
 
     base_cfg = cfg or RDConfig()
     evaluate = tokens is not None
-    fp = _evaluate(tensors, tokens, tokenizer, max_seqs, seq_len) if evaluate and eval_float else None
+    loaded = None
+    if evaluate:
+        from ..calib.adapter import build_model
+
+        loaded = build_model(tensors, model, device)
+    fp = _evaluate(loaded, tensors, tokens, tokenizer, max_seqs, seq_len) if evaluate and eval_float else None
     out: list[RDPoint] = []
 
     def add(p: RDPoint) -> None:
@@ -184,7 +193,7 @@ def rd_curves(
         if evaluate and prev_ev is not None and _same_state(state, prev_state):
             ev = prev_ev  # record and gptq decode to identical weights: scoring once is enough
         else:
-            ev = _evaluate(state, tokens, tokenizer, max_seqs, seq_len) if evaluate else None
+            ev = _evaluate(loaded, state, tokens, tokenizer, max_seqs, seq_len) if evaluate else None
         last[:] = [state, ev]
         add(RDPoint(pipeline, float(knob), len(blob), ev and ev["bpb"], ev and ev["loss"], proxy, enc, dec))
 

@@ -18,8 +18,6 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import PgolfError
 
@@ -83,7 +81,7 @@ def target_bytes(luts: ByteLuts, prev: np.ndarray, targets: np.ndarray) -> np.nd
 
 
 def evaluate_bpb(
-    model: nn.Module,
+    model,
     tokens,
     sp_model_path: str | os.PathLike,
     seq_len: int = 1024,
@@ -92,14 +90,21 @@ def evaluate_bpb(
     progress: Callable[[int, int], None] | None = None,
     autocast_bf16: bool = False,
 ) -> dict:
-    """Mean next-token loss (nats) and BPB of ``model`` (``model(idx) -> logits``) on ``tokens``.
+    """Mean next-token loss (nats) and BPB of ``model`` on ``tokens``.
 
-    ``progress(done_seqs, total_seqs)`` is called after every batch. With ``autocast_bf16`` the
-    forward runs under bf16 autocast (matmuls in bf16); the default is float32. To reproduce the
-    challenge's own logged figure, load the model with ``baseline_bf16=True`` instead.
-    Returns ``loss``, ``bpb``, ``tokens`` (scored targets), ``bytes``, ``seqs`` and ``seconds``.
+    ``model`` is any ``nn.Module`` (or the adapter's ``LoadedModel``) called as
+    ``model(input_ids, target_ids)`` (or ``model(input_ids)``) that returns the mean loss or
+    logits (see :mod:`.adapter`). ``progress(done_seqs, total_seqs)`` is called after every batch.
+    With ``autocast_bf16`` the forward runs under bf16 autocast (matmuls in bf16); the default is
+    float32. To reproduce the challenge's own logged figure for the reference GPT, load it with
+    ``baseline_bf16=True`` instead. Returns ``loss``, ``bpb``, ``tokens`` (scored targets),
+    ``bytes``, ``seqs`` and ``seconds``.
     """
+    from .adapter import LoadedModel, module_device, nll_sum
+
     t0 = time.perf_counter()
+    if isinstance(model, LoadedModel):
+        model = model.module
     if seq_len <= 0 or batch_seqs <= 0:
         raise PgolfError(f"seq_len and batch_seqs must be positive, got {seq_len} and {batch_seqs}")
     toks = torch.as_tensor(np.asarray(tokens).astype(np.int64, copy=False)).reshape(-1)
@@ -109,18 +114,19 @@ def evaluate_bpb(
     if total_seqs <= 0:
         raise PgolfError(f"need more than {seq_len} tokens to score one sequence of seq_len {seq_len}, got {toks.numel()}")
     sp = load_sentencepiece(sp_model_path)
+    sp_vocab = int(sp.vocab_size())
     model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if model_vocab is not None and int(model_vocab) != int(sp.vocab_size()):
-        raise PgolfError(f"model vocab {model_vocab} does not match the tokenizer's vocab {int(sp.vocab_size())}")
-    luts = byte_luts_from_processor(sp, int(model_vocab or sp.vocab_size()))
+    if model_vocab is not None and int(model_vocab) != sp_vocab:
+        raise PgolfError(f"model vocab {model_vocab} does not match the tokenizer's vocab {sp_vocab}")
+    luts = byte_luts_from_processor(sp, int(model_vocab or sp_vocab))
     used = toks[: total_seqs * seq_len + 1]
     if int(used.min()) < 0 or int(used.max()) >= luts.base_bytes.size:
         raise PgolfError(f"token ids range {int(used.min())}..{int(used.max())} outside the vocab of {luts.base_bytes.size}")
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = module_device(model)
     was_training = model.training
     model.eval()
-    nll_sum = 0.0
+    nll_total = 0.0
     byte_sum = 0
     try:
         with torch.inference_mode():
@@ -129,10 +135,10 @@ def evaluate_bpb(
                 chunk = used[start * seq_len : stop * seq_len + 1]
                 x = chunk[:-1].view(-1, seq_len)
                 y = chunk[1:].view(-1, seq_len)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-                    logits = model(x.to(device))
-                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1).to(device), reduction="none")
-                nll_sum += float(nll.double().sum())
+                nll, vocab = nll_sum(model, x.to(device), y.to(device), autocast_bf16=autocast_bf16)
+                if vocab is not None and vocab != sp_vocab:
+                    raise PgolfError(f"the model's logits have {vocab} entries per token, the tokenizer's vocab is {sp_vocab}")
+                nll_total += nll
                 byte_sum += int(target_bytes(luts, x.numpy().ravel(), y.numpy().ravel()).sum())
                 if progress is not None:
                     progress(stop, total_seqs)
@@ -142,8 +148,8 @@ def evaluate_bpb(
     if byte_sum <= 0:
         raise PgolfError("the scored tokens decode to 0 bytes; cannot compute BPB")
     return {
-        "loss": nll_sum / n_targets,
-        "bpb": nll_sum / math.log(2.0) / byte_sum,
+        "loss": nll_total / n_targets,
+        "bpb": nll_total / math.log(2.0) / byte_sum,
         "tokens": n_targets,
         "bytes": byte_sum,
         "seqs": total_seqs,

@@ -31,7 +31,9 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import PgolfError
 from ..fileio import atomic_write
@@ -140,6 +142,16 @@ class HessianCollector:
     or module names (these must match, else the forward raises). ``tied_lm_head`` maps the module
     whose output feeds a tied LM head (e.g. ``"final_norm"``) to the tied weight's name
     (e.g. ``"tok_emb.weight"``); that weight's H comes from the module's outputs.
+
+    ``functional=True`` also collects every other 2-D parameter that the forward passes itself as
+    the weight of ``F.linear`` (a tied head ``F.linear(x, tok_emb.weight)``, a custom layer's
+    ``F.linear(x, self.w)``), from that call's input; it needs the collector as a context manager
+    (``with HessianCollector(...) as hc``), which is when the interception is active. A cast,
+    slice or reshape of a parameter is a new tensor and cannot be traced back to it.
+    ``lookup_embeddings=True`` gives an ``nn.Embedding`` weight that got no Hessian otherwise (a
+    lookup table, not an output head) ``H = (lookups / rows) · I``: a lookup's output error is
+    the row's error, so the count-normalised H = I / rows makes ``trace(ΔW H ΔWᵀ)`` the mean
+    squared output error over rows, and GPTQ on it is plain rounding, which is all a table allows.
     """
 
     def __init__(
@@ -148,10 +160,14 @@ class HessianCollector:
         include: Include = None,
         tied_lm_head: Mapping[str, str] | None = None,
         dtype: torch.dtype = torch.float64,
+        functional: bool = False,
+        lookup_embeddings: bool = False,
     ):
         if dtype not in (torch.float32, torch.float64):
             raise PgolfError(f"Hessian accumulation dtype must be float32 or float64, got {dtype}")
+        self._dtype = dtype
         self._acc: dict[str, _Accumulator] = {}
+        self._functional: dict[str, _Accumulator] = {}
         self._handles: list = []
         self._cache = _GramCache()
         modules = dict(model.named_modules())
@@ -175,6 +191,28 @@ class HessianCollector:
             acc = _Accumulator(wname, int(w.shape[1]), dtype, True, self._cache)
             self._acc[wname] = acc
             self._handles.append(modules[mname].register_forward_hook(self._output_hook(acc)))
+
+        self._by_id: dict[int, _Accumulator] = {}
+        self._watch: dict[int, str] = {}
+        self._uses: dict[str, set[str]] = {}
+        self._mode: _FunctionalCapture | None = None
+        if functional or lookup_embeddings:
+            for pname, p in model.named_parameters():
+                if p.ndim == 2 and p.is_floating_point() and pname not in self._acc:
+                    self._watch[id(p)] = pname
+                    if functional:
+                        acc = _Accumulator(pname, int(p.shape[1]), dtype, True, self._cache)
+                        self._functional[pname] = acc
+                        self._by_id[id(p)] = acc
+        self._lookups: dict[str, list] = {}
+        if lookup_embeddings:
+            for mname, mod in modules.items():
+                w = getattr(mod, "weight", None)
+                wname = f"{mname}.weight" if mname else "weight"
+                if isinstance(mod, nn.Embedding) and wname not in self._acc:
+                    entry = [int(w.shape[0]), int(w.shape[1]), 0]
+                    self._lookups[wname] = entry
+                    self._handles.append(mod.register_forward_hook(self._lookup_hook(entry)))
 
     @staticmethod
     def _select(modules: dict[str, nn.Module], include: Include):
@@ -208,6 +246,15 @@ class HessianCollector:
         return hook
 
     @staticmethod
+    def _lookup_hook(entry: list):
+        def hook(_mod, args, _out):
+            ids = _first_tensor(args)
+            if ids is not None:
+                entry[2] += ids.numel()
+
+        return hook
+
+    @staticmethod
     def _output_hook(acc: _Accumulator):
         def hook(_mod, _args, out):
             acc.add(_first_tensor(out), "its output")
@@ -217,29 +264,95 @@ class HessianCollector:
     def names(self) -> list[str]:
         return [n for n, a in self._acc.items() if not a.dropped]
 
+    def _seen(self) -> dict[str, _Accumulator]:
+        seen = {n: a for n, a in self._acc.items() if not a.dropped and a.h is not None}
+        seen.update({n: a for n, a in self._functional.items() if a.h is not None and n not in seen})
+        return seen
+
+    def lookup_names(self) -> list[str]:
+        """Embedding tables given the lookup Hessian (see the class docstring): those the forward
+        used for lookups only; a table also used some other way (a head computed as ``x @ W.T``)
+        is left without one, so the gap is reported instead of hidden."""
+        seen = self._seen()
+        return [n for n, (_, _, c) in self._lookups.items()
+                if c and n not in seen and self._uses.get(n, set()) <= {"embedding"}]
+
+    def uses(self) -> dict[str, list[str]]:
+        """Parameter name -> the torch functions the forward passed it to, for 2-D parameters
+        outside Linear-like modules (needs ``functional`` or ``lookup_embeddings``)."""
+        return {n: sorted(u) for n, u in self._uses.items()}
+
     def hessians(self) -> dict[str, np.ndarray]:
         """Weight name -> H (sum over rows, accumulation dtype) for every layer that saw input."""
-        return {n: a.h.cpu().numpy().copy() for n, a in self._acc.items() if not a.dropped and a.h is not None}
+        out = {n: a.h.cpu().numpy().copy() for n, a in self._seen().items()}
+        np_dtype = np.float64 if self._dtype == torch.float64 else np.float32
+        for n in self.lookup_names():
+            rows, dim, count = self._lookups[n]
+            out[n] = np.eye(dim, dtype=np_dtype) * (count / rows)
+        return out
 
     def counts(self) -> dict[str, int]:
-        return {n: a.count for n, a in self._acc.items() if not a.dropped and a.h is not None}
+        out = {n: a.count for n, a in self._seen().items()}
+        out.update({n: self._lookups[n][2] for n in self.lookup_names()})
+        return out
 
     def reset(self) -> None:
         self._cache.clear()
-        for a in self._acc.values():
+        for a in (*self._acc.values(), *self._functional.values()):
             a.h, a.count = None, 0
+        for entry in self._lookups.values():
+            entry[2] = 0
+        self._uses.clear()
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._cache.clear()
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
 
     def __enter__(self) -> "HessianCollector":
+        if self._watch:
+            self._mode = _FunctionalCapture(self._by_id, self._watch, self._uses)
+            self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _func_name(func) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":  # a tensor property such as .T: name the property
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+class _FunctionalCapture(TorchFunctionMode):
+    """Sees every torch function call the forward makes (nn.Linear's own F.linear included): feeds
+    the input of ``F.linear`` calls whose weight is one of the collected parameters, and notes
+    which functions each watched parameter is passed to. Identity is safe because the parameters
+    stay alive; a cast, slice or reshape of one is a new tensor and is not followed."""
+
+    def __init__(self, by_id: Mapping[int, _Accumulator], watch: Mapping[int, str], uses: dict[str, set[str]]):
+        super().__init__()
+        self.by_id, self.watch, self.uses = by_id, watch, uses
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                name = self.watch.get(id(a))
+                if name is not None:
+                    self.uses.setdefault(name, set()).add(_func_name(func))
+        if func is F.linear:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            acc = self.by_id.get(id(w))
+            if acc is not None:
+                acc.add(args[0] if args else kwargs.get("input"), "the input of its F.linear call")
+        return func(*args, **kwargs)
 
 
 def _check_h(name: str, h: np.ndarray, where: str) -> None:
@@ -258,9 +371,7 @@ def save_hessians(
     meta: Mapping | None = None,
     dtype=np.float32,
 ) -> Path:
-    """Atomically write the Hessian file described in the module docstring."""
-    from safetensors.numpy import save_file
-
+    """Atomically write the Hessian file described in the module docstring; same input, same bytes."""
     tensors = {}
     for name, h in hessians.items():
         h = np.asarray(h.cpu().numpy() if isinstance(h, torch.Tensor) else h)
@@ -277,7 +388,30 @@ def save_hessians(
         "counts": json.dumps({k: int(v) for k, v in counts.items()}),
         "meta": json.dumps(dict(meta or {})),
     }
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+    return atomic_write(path, lambda p: _write_safetensors(p, tensors, metadata))
+
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """The safetensors layout written by hand, keys sorted: the library writes its metadata map in
+    hash order, so two runs of the same calibration gave files with different bytes."""
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise PgolfError(f"save_hessians: Hessians are stored as float32 or float64, not {t.dtype}")
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to a multiple of 8
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in sorted(tensors):
+            f.write(tensors[name].astype(tensors[name].dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def load_hessians(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, int]]:

@@ -21,9 +21,6 @@ from torch import Tensor, nn
 
 from ..errors import PgolfError
 
-CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
-"""Small float tensors that steer the residual stream; the records never quantize them."""
-
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -281,28 +278,3 @@ class GPT(nn.Module):
         """Next-token cross entropy in nats, computed in float32 as the baseline does."""
         logits = self(idx)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-
-
-def load_model(state_dict: Mapping[str, Tensor], **overrides) -> GPT:
-    """Build a float32 GPT from a baseline state dict (strict: every name and shape must match)."""
-    cfg = GPTConfig.from_state_dict(state_dict, **overrides)
-    model = GPT(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}" + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}"
-                         + (f" (+{len(unexpected) - 4} more)" if len(unexpected) > 4 else ""))
-        raise PgolfError(f"state dict does not match the baseline GPT ({'; '.join(parts)})")
-    for name, ref in expected.items():
-        got = state_dict[name]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise PgolfError(f"tensor {name} has shape {tuple(got.shape)}, the config {cfg} expects {tuple(ref.shape)}")
-        if not got.is_floating_point():
-            raise PgolfError(f"tensor {name} has non-float dtype {got.dtype}")
-    model.load_state_dict({k: v.detach().to(torch.float32) for k, v in state_dict.items()}, strict=True)
-    return model.eval()

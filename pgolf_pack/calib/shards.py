@@ -46,11 +46,6 @@ def _read_header(path: Path) -> int:
     return count
 
 
-def shard_token_count(path: str | os.PathLike) -> int:
-    """Token count from the header (the file size is checked against it)."""
-    return _read_header(Path(path))
-
-
 def read_shard(path: str | os.PathLike, max_tokens: int | None = None) -> np.ndarray:
     """Tokens of one shard as a native-order uint16 array."""
     path = Path(path)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..errors import PgolfError
 from .app import JsonOpt, analyze_app, console, err_console, fmt_int, handle_errors, print_json
+from .model_opts import DeviceOpt, ModelClassOpt, ModelOpt
 
 
 def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
@@ -31,7 +32,7 @@ def _more_or_less(margin: float, fmt: str, good: str, bad: str, unit: str = "") 
 @analyze_app.command("rd")
 @handle_errors
 def rd_cmd(
-    checkpoint: Path = typer.Argument(..., help="checkpoint in the Parameter Golf baseline architecture"),
+    checkpoint: Path = typer.Argument(..., help="checkpoint (state dict) of the model"),
     hessians: Path = typer.Option(..., help="Hessian file from `pgolf-pack calibrate`"),
     tokens: Optional[str] = typer.Option(None, help="glob of token shards to score BPB on (e.g. the val shard)"),
     tokenizer: Optional[Path] = typer.Option(None, help="sentencepiece model of the tokens"),
@@ -51,11 +52,15 @@ def rd_cmd(
     seq_len: int = typer.Option(1024, min=1),
     score_float: bool = typer.Option(True, "--float/--no-float", help="also score the float model"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG of bytes against BPB"),
+    device: str = DeviceOpt,
+    model: Optional[str] = ModelOpt,
+    model_class: Optional[str] = ModelClassOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Bytes against post-roundtrip BPB for record-style GPTQ + lrzip, GPTQ + our coder, ECSQ,
     ECSQ + RDOQ and trellis quantization; margins read at the record point."""
     from ..analyze.rd import PIPELINES, compare, plot_rd, rd_curves
+    from ..calib.adapter import ModelSpec, check_device
     from ..calib.hessian import load_hessians
     from ..calib.shards import load_tokens
     from ..checkpoint import load_checkpoint
@@ -69,6 +74,8 @@ def rd_cmd(
         raise PgolfError("BPB needs both --tokens and --tokenizer")
     if plot is not None and tokens is None:
         raise PgolfError("--plot needs BPB: give --tokens and --tokenizer")
+    spec = ModelSpec.parse(model, model_class)
+    check_device(device)
     cfg = RDConfig(row_mode=row_mode, col_beta=col_beta, rdoq_gain=rdoq_gain)
     sd = load_checkpoint(checkpoint)
     hs, counts = load_hessians(hessians)
@@ -82,7 +89,8 @@ def rd_cmd(
 
     rep = rd_curves(sd, hs, counts, toks, str(tokenizer) if tokenizer else None, names, points, max_seqs, seq_len,
                     _floats(widths, "--widths"), _floats(lambdas, "--lambdas"), lambda_span, cfg,
-                    load_sensitivity(sensitivity), codec, on_point=show, eval_float=score_float, record_codec=record_codec)
+                    load_sensitivity(sensitivity), codec, on_point=show, eval_float=score_float, record_codec=record_codec,
+                    model=spec, device=device)
     if plot is not None:
         plot_rd(rep, plot)
     if json_out:

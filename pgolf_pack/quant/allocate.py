@@ -3,10 +3,11 @@
 One global λ (loss per bit) sets every matrix's step so the marginal loss per byte is the same
 everywhere. The loss of matrix t is modelled as ``sens_t · trace(ΔW H ΔWᵀ)`` with H the
 count-normalised Hessian (GPTQ's objective) and ``sens_t`` a per-tensor sensitivity (1 by
-default; measured by :func:`measure_sensitivity_perturb` — quantize one matrix, score the loss on
-training tokens — or estimated from output-gradient moments by :func:`measure_sensitivity`). The
-proxy alone is not comparable across layers (on the bench checkpoint the measured multipliers
-span six orders of magnitude, deep layers being nearly free), so budgets want measured values. At high rate a step s on an entry whose
+default; measured by :func:`pgolf_pack.calib.sensitivity.measure_sensitivity` — quantize one
+matrix, score the loss on training tokens; a model runs there, so it lives in calib/). The proxy
+alone is not comparable across layers (on the bench checkpoint the measured multipliers span six
+orders of magnitude, deep layers being nearly free), so budgets want measured values. At high
+rate a step s on an entry whose
 squared error carries weight ω costs D ≈ ω s²/12 and R ≈ h - log2 s bits, so dD/dR = -(ln2/6)·ω s².
 Equal slope λ across all entries of all matrices therefore asks for
 
@@ -28,7 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -296,201 +297,3 @@ def _initial_lambda(mp: ModelPrep, target: int, probes: int = 4) -> float:
             slope = min((b1 - b0) / (x1 - x0), -0.05 * n)
         x0, b0 = x1, b1
     return float(2.0 ** (x0 + float(np.clip((want - b0) / slope, -8.0, 8.0))))
-
-
-# --- measured sensitivity ------------------------------------------------------------------------
-
-
-@dataclass
-class Sensitivity:
-    """Loss per unit of GPTQ's proxy, per matrix, from output-gradient second moments.
-
-    ``rows[name]`` holds B_i = mean over tokens of (∂ΣCE/∂y_i)² for each output row i of the
-    matrix (for the tied embedding: the logit rows). ``tensor[name]`` is the multiplier that
-    turns ``trace(ΔW H ΔWᵀ)`` into nats per token at a reference error (see
-    :func:`measure_sensitivity`).
-    """
-
-    tensor: dict[str, float]
-    rows: dict[str, np.ndarray]
-    tokens: int
-
-    def to_json(self) -> dict:
-        return dict(self.tensor)
-
-
-def _scoring_window(tokens: np.ndarray, seqs: int, seq_len: int) -> tuple[torch.Tensor, int]:
-    """The tokens as one flat tensor and how many whole sequences (plus targets) they hold."""
-    toks = torch.as_tensor(np.asarray(tokens).astype(np.int64)).reshape(-1)
-    n_seq = min(int(seqs), (toks.numel() - 1) // seq_len)
-    if n_seq < 1:
-        raise PgolfError(f"need more than {seq_len} tokens to measure sensitivity, got {toks.numel()}")
-    return toks, n_seq
-
-
-def _weight_and_metric(name: str, t: torch.Tensor, hessians: Mapping[str, np.ndarray],
-                       counts: Mapping[str, int] | None) -> tuple[np.ndarray, np.ndarray, PreparedHessian]:
-    """float32 weight, count-normalised Hessian A and its GPTQ preparation (damp 0.01, act-order)."""
-    # A copy: the perturbation measurement writes into model parameters that may share storage.
-    w = to_float32(t).astype(np.float32)
-    a = check_hessian(name, hessians[name], w.shape[1]).astype(np.float64) / max(int((counts or {}).get(name, 1)), 1)
-    return w, a, prepare_hessian(a, 0.01, True, name)
-
-
-def output_gradient_moments(tensors: Mapping[str, torch.Tensor], tokens: np.ndarray, seqs: int = 8,
-                            seq_len: int = 1024, batch: int = 2) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
-    """Per-output-row mean squared loss gradients of every linear layer of the reference GPT.
-
-    Returns (B per weight name, C, tokens) where C[v, d] is the summed squared gradient at the
-    embedding output over the tokens whose id is v (the lookup role of a tied embedding), divided
-    by the token count. Gradients are of the summed next-token cross entropy (empirical Fisher).
-    """
-    import torch.nn.functional as F
-
-    from ..calib.model import CastedLinear, load_model
-
-    model = load_model(tensors)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    toks, n_seq = _scoring_window(tokens, seqs, seq_len)
-    acc: dict[str, torch.Tensor] = {}
-    emb = model.tok_emb.weight
-    c_acc = torch.zeros(emb.shape, dtype=torch.float64)
-    cur_idx: list[torch.Tensor] = []
-
-    def out_hook(name):
-        def hook(_m, _inp, out):
-            def g(grad):
-                s = grad.detach().double().pow(2).sum(dim=tuple(range(grad.dim() - 1)))
-                acc[name] = acc.get(name, 0) + s
-            out.register_hook(g)
-        return hook
-
-    def emb_hook(_m, _inp, out):
-        out.requires_grad_(True)
-
-        def g(grad):
-            c_acc.index_add_(0, cur_idx[0].reshape(-1), grad.detach().double().pow(2).reshape(-1, grad.shape[-1]))
-        out.register_hook(g)
-        return out
-
-    handles = [m.register_forward_hook(out_hook(n + ".weight")) for n, m in model.named_modules() if isinstance(m, CastedLinear)]
-    handles.append(model.tok_emb.register_forward_hook(emb_hook))
-    head = torch.zeros(emb.shape[0], dtype=torch.float64)
-    cap = model.config.logit_softcap
-    try:
-        for start in range(0, n_seq, batch):
-            stop = min(start + batch, n_seq)
-            chunk = toks[start * seq_len: stop * seq_len + 1]
-            x = chunk[:-1].view(-1, seq_len)
-            y = chunk[1:].view(-1, seq_len)
-            cur_idx[:] = [x]
-            with torch.enable_grad():
-                logits = model(x)
-                ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-                ce.backward()
-            with torch.no_grad():
-                # Gradient at the tied head's pre-cap logits: (softmax - onehot) · d(cap·tanh(z/cap))/dz.
-                lg = logits.detach().double().reshape(-1, logits.size(-1))
-                gz = torch.softmax(lg, dim=-1)
-                gz[torch.arange(gz.shape[0]), y.reshape(-1)] -= 1.0
-                gz *= 1.0 - (lg / cap) ** 2
-                head += gz.pow(2).sum(dim=0)
-    finally:
-        for h in handles:
-            h.remove()
-    n = n_seq * seq_len
-    rows = {k: (v / n).numpy() for k, v in acc.items()}
-    if "lm_head.weight" not in rows and model.lm_head is None:
-        rows["tok_emb.weight"] = (head / n).numpy()
-    return rows, (c_acc / n).numpy(), n
-
-
-def measure_sensitivity(tensors: Mapping[str, torch.Tensor], hessians: Mapping[str, np.ndarray],
-                        counts: Mapping[str, int] | None, tokens: np.ndarray, seqs: int = 8, seq_len: int = 1024,
-                        delta: float = 0.35, batch: int = 2) -> Sensitivity:
-    """Per-matrix loss sensitivity of GPTQ's proxy, measured on (training) tokens.
-
-    Second-order, K-FAC style: a weight error ΔW of a layer with inputs of covariance A (the
-    count-normalised Hessian) and output-gradient second moments B_i adds about
-    ½ Σ_i B_i (ΔW A ΔWᵀ)_ii nats per token; for the tied embedding also ½ Σ C_vd ΔW_vd² through
-    the lookup. The multiplier is that estimate over ``trace(ΔW A ΔWᵀ)`` for the error of
-    round-to-nearest ECSQ at step ``delta`` (one step for the whole matrix, column steps on) —
-    a reference error, since the ratio depends a little on how the error spreads over rows.
-    """
-    rows, c_emb, n = output_gradient_moments(tensors, tokens, seqs, seq_len, batch)
-    sens: dict[str, float] = {}
-    for name, t in tensors.items():
-        if name not in rows or name not in hessians:
-            continue
-        w, a, prep = _weight_and_metric(name, t, hessians, counts)
-        grid = make_grid(w, delta, prep, "flat", 1.0)
-        dw = (w - ecsq_codes(w, grid, None) * grid.steps()).astype(np.float64)
-        d_rows = np.einsum("ij,ij->i", dw @ a, dw)
-        est = 0.5 * float((rows[name] * d_rows).sum())
-        if name == "tok_emb.weight" and c_emb.shape == dw.shape:
-            est += 0.5 * float((c_emb * dw * dw).sum())
-        sens[name] = est / max(float(d_rows.sum()), 1e-300)
-    return Sensitivity(sens, rows, n)
-
-
-def measure_sensitivity_perturb(
-    tensors: Mapping[str, torch.Tensor],
-    hessians: Mapping[str, np.ndarray],
-    counts: Mapping[str, int] | None,
-    tokens: np.ndarray,
-    seqs: int = 4,
-    seq_len: int = 1024,
-    deltas: Sequence[float] = (0.5, 1.5, 4.5),
-    min_dloss: float = 3e-5,
-    on_tensor: Callable[[str, float], None] | None = None,
-) -> Sensitivity:
-    """Per-matrix loss sensitivity measured directly: quantize one matrix alone (round-to-nearest
-    ECSQ, one step per matrix, column steps on) and score the mean next-token loss on ``tokens``.
-
-    ``sens = Δloss / trace(ΔW A ΔWᵀ)``. A matrix whose loss change stays below ``min_dloss`` nats
-    at a step is re-measured at the next, coarser step of ``deltas`` (tiny changes drown in the
-    float noise of the forward pass); if none reaches it, the last ratio with Δloss clamped up to
-    ``min_dloss`` is kept (an upper bound). Costs one forward pass over ``seqs`` sequences per
-    measurement; use training tokens, never the validation text.
-    """
-    from ..calib.model import load_model
-
-    model = load_model(tensors)
-    params = dict(model.named_parameters())
-    toks, n_seq = _scoring_window(tokens, seqs, seq_len)
-    chunk = toks[: n_seq * seq_len + 1]
-    x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
-
-    def score() -> float:
-        with torch.inference_mode():
-            return float(sum(model.loss(x[i:i + 1], y[i:i + 1], reduction="sum").double() for i in range(n_seq))) / (n_seq * seq_len)
-
-    base = score()
-    sens: dict[str, float] = {}
-    for name, t in tensors.items():
-        if name not in hessians or name not in params or not is_quantizable(t, 1):
-            continue
-        w, a, prep = _weight_and_metric(name, t, hessians, counts)
-        p = params[name]
-        orig = p.detach().clone()
-        ratio = 0.0
-        try:
-            for d in deltas:
-                grid = make_grid(w, d, prep, "flat", 1.0)
-                wq = (ecsq_codes(w, grid, None) * grid.steps()).astype(np.float32)
-                dw = (w - wq).astype(np.float64)
-                proxy = max(float(np.einsum("ij,ij->", dw @ a, dw)), 1e-300)
-                with torch.no_grad():
-                    p.copy_(torch.from_numpy(wq).to(p.dtype))
-                dl = score() - base
-                ratio = max(dl, min_dloss) / proxy
-                if dl >= min_dloss:
-                    break
-        finally:
-            with torch.no_grad():
-                p.copy_(orig)
-        sens[name] = ratio
-        if on_tensor:
-            on_tensor(name, ratio)
-    return Sensitivity(sens, {}, n_seq * seq_len)
