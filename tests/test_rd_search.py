@@ -103,11 +103,12 @@ def test_unmeetable_budget_says_by_how_much(small):
 def example_prep():
     from conftest import EX_CKPT, EX_TRAIN
     from pgolf_pack.calib import load_tokens
-    from pgolf_pack.calib.calibrate import collect_hessians
+    from pgolf_pack.calib.adapter import build_model
+    from pgolf_pack.calib.calibrate import calibration_batches, collect_hessians
     from pgolf_pack.checkpoint import load_checkpoint
 
     sd = load_checkpoint(EX_CKPT)
-    hs, counts = collect_hessians(sd, load_tokens(EX_TRAIN), n_seqs=8, seq_len=256)
+    hs, counts = collect_hessians(build_model(sd), calibration_batches(load_tokens(EX_TRAIN), 8, 256))
     return prepare_model(sd, hs, RDConfig(method="ecsq"), counts)
 
 
