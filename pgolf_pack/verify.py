@@ -59,10 +59,11 @@ class VerifyReport:
         return {**d, "ok": self.ok, "tensors": [t.to_dict() for t in self.tensors]}
 
 
-def verify_roundtrip(path: str | Path, against: str | Path | None = None) -> VerifyReport:
+def verify_roundtrip(path: str | Path, against: str | Path | None = None, max_decoded_bytes: int | None = None) -> VerifyReport:
+    """``max_decoded_bytes``: the decoding ceiling (default $PGOLF_MAX_DECODED_BYTES, else 4 GiB)."""
     blob = read_artifact(path)
     t0 = time.perf_counter()
-    qm, manifest = unpack_model(blob)  # raises ArtifactError naming the failing group
+    qm, manifest = unpack_model(blob, max_decoded_bytes=max_decoded_bytes)  # ArtifactError names the tensor or group
     deq = {t.name: dequantize_float32(t) for t in qm.tensors}
     t1 = time.perf_counter()
     again = pack_model(qm, choices=group_choices(manifest), grouping=manifest.get("grouping", "role"))
@@ -84,12 +85,12 @@ def verify_roundtrip(path: str | Path, against: str | Path | None = None) -> Ver
     return VerifyReport(len(blob), len(manifest["groups"]), True, again.blob == blob, t1 - t0, t2 - t1, checks)
 
 
-def unpack_file(path: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
+def unpack_file(path: str | Path, out: str | Path, max_decoded_bytes: int | None = None) -> dict[str, torch.Tensor]:
     from .checkpoint import save_safetensors
     from .fileio import check_not_input
 
     check_not_input(Path(out), Path(path))
-    qm, _ = unpack_model(read_artifact(path))
+    qm, _ = unpack_model(read_artifact(path), max_decoded_bytes=max_decoded_bytes)
     state = dequantize_model(qm)
     save_safetensors(state, out, {"source": "pgolf-pack unpack"})
     return state

@@ -71,6 +71,25 @@ def test_orthogonal(n):
     assert sum(k * p for k, p in hadamard_blocks(n)) == n
 
 
+def test_block_plan_is_the_largest_factorable_size_first():
+    """The plan's definition, stepping down one size at a time, against the direct search; and a
+    size a hostile manifest might give is planned at once."""
+    def stepped(n):
+        blocks, rem = [], n
+        while rem:
+            size = rem
+            while kron_factor(size) is None:
+                size -= 1
+            blocks.append(kron_factor(size))
+            rem -= size
+        return blocks
+
+    for n in list(range(1, 1200)) + [12007, 12008, 65537, 99991]:
+        assert hadamard_blocks(n) == stepped(n), n
+    big = hadamard_blocks(10**12 + 39)
+    assert sum(k * p for k, p in big) == 10**12 + 39 and len(big) < 64
+
+
 def test_fast_transform_equals_dense_on_both_axes():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((24, 40))

@@ -85,21 +85,29 @@ def _brotli_compress(data: bytes) -> bytes:
     return brotli.compress(data, mode=brotli.MODE_GENERIC, quality=BROTLI_QUALITY, lgwin=BROTLI_LGWIN)
 
 
+_BROTLI_STEP = 1 << 20
+
+
 def _brotli_decompress(data: bytes, max_out: int) -> bytes:
-    # process() with an output limit hands back at most about that much per call, so a bomb
-    # is stopped after max_out + one buffer, never inflated whole.
+    # process() with an output limit hands back at most about that much per call; steps of at
+    # most a MiB stop a bomb after max_out + one step, never inflated whole or in one allocation.
     d = brotli.Decompressor()
     out, total = [], 0
+    step = min(max_out + 1, _BROTLI_STEP)
     try:
-        chunk = d.process(data, output_buffer_limit=max_out + 1)
+        chunk = d.process(data, output_buffer_limit=step)
         while True:
             out.append(chunk)
             total += len(chunk)
             if total > max_out:
                 raise _too_big("brotli", max_out)
-            if d.is_finished() or d.can_accept_more_data():
+            if d.is_finished():
                 break
-            chunk = d.process(b"", output_buffer_limit=max_out + 1 - total)
+            # can_accept_more_data() is true even with output pending, so drain until a call
+            # yields nothing: then the input is used up and the stream has not ended.
+            chunk = d.process(b"", output_buffer_limit=min(max_out + 1 - total, _BROTLI_STEP))
+            if not chunk:
+                break
     except brotli.error as e:
         raise ArtifactError(f"brotli payload is corrupted or truncated ({e})") from None
     if not d.is_finished():

@@ -19,7 +19,6 @@ import zlib
 import brotli
 
 from ..errors import ArtifactError
-from .codecs import decompress
 
 MAGIC = b"PGPK"
 # The artifact format: written in the header byte and as the manifest's "format". Bump it with any
@@ -27,9 +26,6 @@ MAGIC = b"PGPK"
 # golden tests (tests/test_golden_format.py) pin format 1's bytes and fail on an unbumped change.
 FORMAT_VERSION = 1
 _HEAD = struct.Struct("<4sBII")
-# A manifest is a few hundred bytes of JSON per tensor; this stops a few bytes of brotli from
-# inflating into gigabytes before anything is checked.
-MAX_MANIFEST_BYTES = 1 << 26
 
 
 def crc32(data: bytes | memoryview) -> int:
@@ -53,8 +49,15 @@ def write_container(manifest: dict, payloads: list[bytes]) -> bytes:
     return b"".join([_HEAD.pack(MAGIC, FORMAT_VERSION, len(man), crc32(man)), man, *payloads])
 
 
-def read_container(blob: bytes) -> tuple[dict, memoryview]:
-    """Parse the header and manifest; returns (manifest, payload area). Validates sizes."""
+def read_container(blob: bytes, max_decoded_bytes: int | None = None) -> tuple[dict, memoryview]:
+    """Parse the header and manifest; returns (manifest, payload area).
+
+    The manifest is validated in full (:mod:`.manifest_check`) before this returns, so no payload
+    is ever read through a manifest that does not add up; ``max_decoded_bytes`` overrides the
+    ceiling on what decoding may allocate ($PGOLF_MAX_DECODED_BYTES, else the default).
+    """
+    from .manifest_check import parse_manifest, validate_manifest
+
     if len(blob) < _HEAD.size:
         raise ArtifactError("artifact is truncated: shorter than its header")
     magic, version, mlen, mcrc = _HEAD.unpack_from(blob)
@@ -68,17 +71,9 @@ def read_container(blob: bytes) -> tuple[dict, memoryview]:
     man = bytes(blob[start : start + mlen])
     if crc32(man) != mcrc:
         raise ArtifactError("artifact manifest is corrupted (checksum mismatch)")
-    try:
-        manifest = json.loads(decompress("brotli", man, MAX_MANIFEST_BYTES))
-    except (ArtifactError, ValueError) as e:
-        raise ArtifactError(f"artifact manifest cannot be decoded: {e}") from None
+    manifest = parse_manifest(man)
     payload = memoryview(blob)[start + mlen :]
-    end = max((g["offset"] + g["length"] for g in manifest["groups"]), default=0)
-    if len(payload) < end:
-        short = [g["name"] for g in manifest["groups"] if g["offset"] + g["length"] > len(payload)]
-        raise ArtifactError(f"artifact is truncated: group {short[0]} is incomplete ({end - len(payload)} bytes missing)")
-    if len(payload) > end:
-        raise ArtifactError(f"artifact has {len(payload) - end} unexpected trailing bytes")
+    validate_manifest(manifest, len(payload), max_decoded_bytes)
     return manifest, payload
 
 

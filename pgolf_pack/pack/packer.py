@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import zlib
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -61,6 +62,14 @@ def _as_2d(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
 
+def group_name(tensor: str, params: dict, stream: str, kind: str, dtype: np.dtype, grouping: str) -> str:
+    """The group a stream is packed in; the manifest check asks the same function where it must be."""
+    if kind == "side":
+        return f"side:{dtype.itemsize}"
+    base = params.get("group") or {"role": role_of(tensor), "tensor": tensor, "single": "all"}[grouping]
+    return f"{base}:{stream}:{dtype.str}"
+
+
 def build_groups(qm: QuantizedModel, grouping: str = "role") -> list[Group]:
     if grouping not in ("role", "tensor", "single"):
         raise PgolfError(f"unknown grouping {grouping!r}; choose role, tensor or single")
@@ -68,11 +77,7 @@ def build_groups(qm: QuantizedModel, grouping: str = "role") -> list[Group]:
     for t in qm.tensors:
         # Sorted: the manifest stores streams by name, so a decoded model re-packs identically.
         for sname, s in sorted(t.streams.items()):
-            if s.kind == "symbols":
-                base = t.params.get("group") or {"role": role_of(t.name), "tensor": t.name, "single": "all"}[grouping]
-                key = f"{base}:{sname}:{s.data.dtype.str}"
-            else:
-                key = f"side:{s.data.dtype.itemsize}"
+            key = group_name(t.name, t.params, sname, s.kind, s.data.dtype, grouping)
             g = groups.get(key)
             if g is None:
                 g = groups[key] = Group(key, s.kind, lo=s.lo, hi=s.hi)
@@ -344,18 +349,35 @@ def _group_members(manifest: dict) -> list[list[tuple[int, str, dict]]]:
     return members
 
 
-def unpack_model(blob: bytes, workers: int = 2) -> tuple[QuantizedModel, dict]:
-    """Decode an artifact back into quantized tensors; every group's checksums are verified."""
-    manifest, payload = read_container(blob)
-    members = _group_members(manifest)
+def unpack_model(blob: bytes, workers: int = 2, max_decoded_bytes: int | None = None) -> tuple[QuantizedModel, dict]:
+    """Decode an artifact back into quantized tensors; every group's checksums are verified.
 
-    def work(gi: int) -> list[np.ndarray]:
+    Order matters for hostile files: the whole manifest is validated first (``read_container``),
+    then every payload checksum, and only then does any decoder run; the first group that fails
+    cancels the ones not yet started. ``max_decoded_bytes``: see :func:`.container.read_container`.
+    """
+    manifest, payload = read_container(blob, max_decoded_bytes)
+    members = _group_members(manifest)
+    datas = [group_payload(g, payload) for g in manifest["groups"]]
+
+    stop = threading.Event()
+
+    def work(gi: int) -> list[np.ndarray] | None:
+        # After the first failure every group still queued returns at once instead of decoding.
+        if stop.is_set():
+            return None
+        try:
+            return decode_one(gi)
+        except BaseException:
+            stop.set()
+            raise
+
+    def decode_one(gi: int) -> list[np.ndarray]:
         g = manifest["groups"][gi]
-        data = group_payload(g, payload)
         shapes = [tuple(m[2]["shape"]) for m in members[gi]]
         dtypes = [m[2]["dtype"] for m in members[gi]]
         try:
-            arrays = decode_group(g, data, g["kind"], shapes, dtypes, g["lo"], g["hi"])
+            arrays = decode_group(g, datas[gi], g["kind"], shapes, dtypes, g["lo"], g["hi"])
         except ArtifactError as e:
             raise ArtifactError(f"group {g['name']} cannot be decoded: {e}") from None
         except Exception as e:  # a codec library's own error on damaged data
@@ -364,8 +386,16 @@ def unpack_model(blob: bytes, workers: int = 2) -> tuple[QuantizedModel, dict]:
             raise ArtifactError(f"group {g['name']} decoded to wrong data (checksum mismatch)")
         return arrays
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        decoded = list(ex.map(work, range(len(manifest["groups"]))))
+    ex = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        futures = [ex.submit(work, gi) for gi in range(len(datas))]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f in done and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        decoded = [f.result() for f in futures]
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
     tensors = []
     for t in manifest["tensors"]:
         streams = {}

@@ -32,8 +32,9 @@ import numba
 import numpy as np
 
 from ..errors import ArtifactError, PgolfError
-from .base import QuantizedTensor, Stream, dequantize_float32, register_scheme
-from .hadamard import RHT
+from .base import QuantizedTensor, Stream, dequantize_float32, register_check, register_scheme
+from .hadamard import RHT, hadamard_blocks
+from .spec import Check
 from .rtn import FP16_MAX
 
 CODEBOOK_NAME = "e8p12"
@@ -504,6 +505,32 @@ def dequantize_e8p(qt: QuantizedTensor) -> np.ndarray:
     rot = RHT.from_params(m, n, p) if p["rht"] else None
     z = _rotated_codes_to_weights(codes.reshape(m, width), n, rot)
     return (z * scale[:, None]).astype(np.float32)
+
+
+@register_check("e8p")
+def check_e8p(c: Check) -> None:
+    """Codebook and version known, codes and scales exactly (m × (n+pad)/8) and (m or 1), and a
+    rotation plan that is the one the encoder builds: an arbitrary plan in the manifest could ask
+    for a Hadamard factor of any order (a 12,008² matrix is 1 GiB)."""
+    m, n = c.matrix()
+    p = c.spec.params
+    if p.get("codebook") != CODEBOOK_NAME or type(p.get("codebook_version")) is not int \
+            or p["codebook_version"] != CODEBOOK_VERSION:
+        c.fail(f"unsupported e8p codebook {p.get('codebook')!r:.40} v{p.get('codebook_version')!r:.20}")
+    pad = c.int_param("pad_cols", 0, DIM - 1)
+    if (n + pad) % DIM:
+        c.fail(f"pad_cols {pad} does not make {n} columns a multiple of {DIM}")
+    c.int_param("seed", 0, 2**64 - 1)
+    if c.bool_param("rht"):
+        for key, size in (("row_blocks", m), ("col_blocks", n)):
+            plan = [list(b) for b in hadamard_blocks(size)]
+            if p.get(key) != plan:
+                c.fail(f"params.{key} is not the rotation plan of size {size} ({plan})")
+    elif "row_blocks" in p or "col_blocks" in p:
+        c.fail("rotation blocks given without rht")
+    mode = c.choice_param("scale_mode", SCALE_MODES)
+    c.stream("codes", (m, (n + pad) // DIM), ("<u2",), "symbols", (0, NUM_CODES - 1))
+    c.stream("scale", (m if mode == "row" else 1,), ("<f2",), "side", (0, 0))
 
 
 # ---------------------------------------------------------------------------------------------

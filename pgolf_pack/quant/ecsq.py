@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from ..errors import PgolfError
-from .base import QuantizedTensor, Stream, register_scheme
+from .base import QuantizedTensor, Stream, register_check, register_scheme
 from .gptq import PreparedHessian, RoundFn, check_hessian, check_weight, gptq_sweep_range, prepare_hessian, round_nearest
 from .rtn import to_fp16_scale
+from .spec import Check
 
 SCHEME = "ecsq"
 ROW_MODES = ("std", "flat")
@@ -198,3 +199,27 @@ def dequantize_ecsq(qt: QuantizedTensor) -> np.ndarray:
     q = qt.streams["q"].data.reshape(qt.shape[0], -1)
     e = qt.streams["colexp"].data if "colexp" in qt.streams else None
     return dequantize_ecsq_arrays(q, qt.streams["scale"].data, e)
+
+
+def check_codes(c: Check, name: str, shape: tuple[int, ...] | None) -> int:
+    """A free-range code stream in the dtype its claimed range picks; returns its length."""
+    s = c.stream(name, shape, ("<i2", "<i4"), "symbols")
+    c.symbol_range(s, name, -(2**31), 2**31 - 1)
+    if s.dtype != symbol_dtype(s.lo, s.hi).str:
+        c.fail(f"stream {name} is {s.dtype} but its range [{s.lo}, {s.hi}] is stored as {symbol_dtype(s.lo, s.hi).str}")
+    return s.numel
+
+
+def check_steps(c: Check, rows: int, cols: int) -> None:
+    """The fp16 row steps and the optional per-column exponents shared with the trellis scheme."""
+    c.stream("scale", (rows,), ("<f2",), "side", (0, 0))
+    if c.has("colexp"):
+        s = c.stream("colexp", (cols,), ("|i1",), "symbols")
+        c.symbol_range(s, "colexp", COL_EXP_MIN, COL_EXP_MAX)
+
+
+@register_check(SCHEME)
+def check_ecsq(c: Check) -> None:
+    rows, cols = c.matrix()
+    check_codes(c, "q", (rows, cols))
+    check_steps(c, rows, cols)

@@ -35,8 +35,9 @@ import torch
 
 from ..checkpoint import to_float32
 from ..errors import ArtifactError, PgolfError
-from .base import QuantizedModel, QuantizedTensor, Stream, dequantize_float32, register_correction
+from .base import QuantizedModel, QuantizedTensor, Stream, dequantize_float32, register_correction, register_correction_check
 from .rtn import FP16_MAX, SCALE_FLOOR
+from .spec import Check
 
 PARAMS_KEY = "lqer"
 STREAMS = ("lqer.A", "lqer.sA", "lqer.B", "lqer.sB")
@@ -101,7 +102,8 @@ def dequantize_factor(codes: np.ndarray, scales: np.ndarray, group: int) -> np.n
     """Inverse of :func:`quantize_factor` as float32 (r × n)."""
     codes = np.asarray(codes)
     r, n = codes.shape
-    s = np.repeat(np.asarray(scales, dtype=np.float32).reshape(r, -1), group, axis=1)[:, :n]
+    # Indexing instead of np.repeat: a group wider than the factor would repeat past its end.
+    s = np.asarray(scales, dtype=np.float32).reshape(r, -1)[:, np.arange(n) // group]
     return (codes.astype(np.float32) + np.float32(0.5)) * s
 
 
@@ -127,6 +129,21 @@ def lqer_term(qt: QuantizedTensor) -> np.ndarray:
 def _apply_correction(qt: QuantizedTensor, w: np.ndarray) -> np.ndarray:
     rows = qt.shape[0]
     return (np.asarray(w, dtype=np.float64).reshape(rows, -1) + lqer_term(qt)).astype(np.float32)
+
+
+@register_correction_check(PARAMS_KEY)
+def check_lqer(c: Check) -> None:
+    """Factors (rank × rows) and (rank × cols) with one scale per ``group`` codes."""
+    rows, cols = c.matrix()
+    p = c.dict_param(PARAMS_KEY)
+    rank = c.int_param("rank", 1, min(rows, cols), p, "params.lqer")
+    bits = c.int_param("bits", 1, 8, p, "params.lqer")
+    bits_a = c.int_param("bits_a", 1, 8, p, "params.lqer")
+    group = c.int_param("group", 1, 2**31, p, "params.lqer")
+    c.stream("lqer.A", (rank, rows), ("|i1",), FACTOR_KINDS, code_range(bits_a))
+    c.stream("lqer.B", (rank, cols), ("|i1",), FACTOR_KINDS, code_range(bits))
+    c.stream("lqer.sA", (rank, -(-rows // group)), ("<f2",), "side", (0, 0))
+    c.stream("lqer.sB", (rank, -(-cols // group)), ("<f2",), "side", (0, 0))
 
 
 def strip_lqer(qt: QuantizedTensor) -> QuantizedTensor:

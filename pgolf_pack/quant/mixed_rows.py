@@ -28,7 +28,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ArtifactError, PgolfError
-from .base import QuantizedTensor, Stream, register_scheme
+from .base import QuantizedTensor, Stream, register_check, register_scheme
+from .spec import Check
 from .rtn import choose_scales, dequantize_rows, qmax, quantize_with_scales
 
 SCHEME = "introws"
@@ -365,3 +366,34 @@ def dequantize_introws(qt: QuantizedTensor) -> np.ndarray:
             raise ArtifactError(f"tensor {qt.name}: tier {t} holds {q.shape[0]} rows, its map says {idx.size}")
         out[idx] = dequantize_rows(q, scale[idx])
     return out
+
+
+@register_check(SCHEME)
+def check_introws(c: Check) -> None:
+    rows, cols = c.matrix()
+    tiers = c.list_param("tiers", 1, MAX_TIERS)
+    total = 0
+    for t, tp in enumerate(tiers):
+        if not isinstance(tp, dict):
+            c.fail(f"params.tiers[{t}] must be an object, got {tp!r:.40}")
+        bits = c.int_param("bits", 2, 8, tp, f"params.tiers[{t}]")
+        n = c.int_param("rows", 1, rows, tp, f"params.tiers[{t}]")
+        r = qmax(bits)
+        c.stream(f"q.t{t}", (n, cols), ("|i1",), "symbols", (-r, r))
+        total += n
+    if total != rows:
+        c.fail(f"its tiers hold {total} rows, the tensor has {rows}")
+    if c.int_param("bits", 2, 8) != max(tp["bits"] for tp in tiers):
+        c.fail("params.bits is not the widest tier's bits")
+    c.stream("scale", (rows,), ("<f2",), "side", (0, 0))
+    how = c.choice_param("tier_map", ("none", "bits", "runs"))
+    if (how == "none") != (len(tiers) == 1):
+        c.fail(f"tier map {how!r} with {len(tiers)} tiers")
+    if how == "bits":
+        c.stream("tiers", (-(-rows * _bit_width(len(tiers)) // 8),), ("|u1",), "side", (0, 0))
+    elif how == "runs":
+        # First tier byte, then per run at most a tier byte and a LEB128 length of a row count.
+        most = 1 + rows * (1 + -(-max(rows.bit_length(), 1) // 7))
+        s = c.stream("tiers", None, ("|u1",), "side", (0, 0))
+        if not 2 <= s.numel <= most:
+            c.fail(f"run-length tier map of {s.numel} bytes for {rows} rows")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..checkpoint import dtype_name, torch_dtype
-from .base import QuantizedTensor, Stream, register_scheme
+from ..checkpoint import DTYPE_NAMES, FLOAT_DTYPES, dtype_name, torch_dtype
+from .base import QuantizedTensor, Stream, register_check, register_scheme
+from .spec import Check
 
 # numpy has no bfloat16: such tensors travel as their raw 16-bit patterns.
 _VIEW_AS = {torch.bfloat16: torch.int16}
@@ -36,3 +37,18 @@ def dequantize_float(qt: QuantizedTensor) -> torch.Tensor:
     if stored in _VIEW_AS:
         arr = arr.view(stored)
     return arr.reshape(qt.shape).to(torch_dtype(qt.dtype))
+
+
+# The numpy dtype each stored dtype travels as.
+_STREAM_DTYPE = {dtype_name(d): ("<i2" if d in _VIEW_AS else torch.empty(0, dtype=d).numpy().dtype.str) for d in DTYPE_NAMES}
+_FLOAT_NAMES = tuple(dtype_name(d) for d in FLOAT_DTYPES)
+
+
+@register_check("float")
+def check_float(c: Check) -> None:
+    stored = c.choice_param("stored", tuple(_STREAM_DTYPE))
+    out = c.spec.dtype
+    # Only a float may be narrowed to float16 on the way in; anything else is stored as itself.
+    if stored != out and not (stored == "float16" and out in _FLOAT_NAMES):
+        c.fail(f"stored as {stored} but restored as {out}")
+    c.stream("data", (c.spec.numel,), (_STREAM_DTYPE[stored],), "side", (0, 0))

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import QuantizedTensor, Stream, register_scheme
+from .base import QuantizedTensor, Stream, register_check, register_scheme
+from .spec import Check
 
 CLIP_RULES = ("absmax", "sdclip", "mse")
 FP16_MAX = 65504.0
@@ -142,3 +143,11 @@ def quantize_rtn(
 @register_scheme("intk")
 def dequantize_intk(qt: QuantizedTensor) -> np.ndarray:
     return dequantize_rows(qt.streams["q"].data.reshape(qt.shape[0], -1), qt.streams["scale"].data)
+
+
+@register_check("intk")
+def check_intk(c: Check) -> None:
+    rows, cols = c.matrix()
+    r = qmax(c.int_param("bits", 2, 8))
+    c.stream("q", (rows, cols), ("|i1",), "symbols", (-r, r))
+    c.stream("scale", (rows,), ("<f2",), "side", (0, 0))

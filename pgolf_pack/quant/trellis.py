@@ -39,8 +39,9 @@ import torch
 from numba import njit
 
 from ..errors import ArtifactError, PgolfError
-from .base import QuantizedTensor, Stream, register_scheme
-from .ecsq import CODE_MAX, EcsqGrid, as_prepared, entry_steps, make_grid, symbol_dtype
+from .base import QuantizedTensor, Stream, register_check, register_scheme
+from .ecsq import CODE_MAX, EcsqGrid, as_prepared, check_codes, check_steps, entry_steps, make_grid, symbol_dtype
+from .spec import Check
 from .gptq import PreparedHessian, check_weight, gptq_sweep_range
 
 SCHEME = "dq"
@@ -450,3 +451,15 @@ def dq_levels(qt: QuantizedTensor) -> np.ndarray:
 def dequantize_dq(qt: QuantizedTensor) -> np.ndarray:
     m, _ = walk_levels(dq_levels(qt))
     return m.astype(np.float32) * entry_steps(qt.streams["scale"].data, qt.streams["colexp"].data if "colexp" in qt.streams else None)
+
+
+@register_check(SCHEME)
+def check_dq(c: Check) -> None:
+    rows, cols = c.matrix()
+    if c.int_param("states", STATES, STATES) != STATES:
+        c.fail(f"trellis with {c.spec.params['states']} states is not supported")
+    if c.choice_param("coding", CODINGS, default="plain") == "plain":
+        check_codes(c, "q", (rows, cols))
+    elif check_codes(c, "q.s0", None) + check_codes(c, "q.s1", None) != rows * cols:
+        c.fail(f"its two level streams do not hold the {rows}×{cols} levels of the matrix")
+    check_steps(c, rows, cols)
