@@ -97,3 +97,40 @@ def test_unmeetable_budget_says_by_how_much(small):
     mp = prepare_model(sd, hs, RDConfig(method="ecsq"))
     with pytest.raises(PgolfError, match="cannot be met"):
         fit_budget(mp, 2000, codec="zstd", max_iter=3)  # float tensors alone are larger
+
+
+@pytest.fixture(scope="module")
+def example_prep():
+    from conftest import EX_CKPT, EX_TRAIN
+    from pgolf_pack.calib import load_tokens
+    from pgolf_pack.calib.adapter import build_model
+    from pgolf_pack.calib.calibrate import calibration_batches, collect_hessians
+    from pgolf_pack.checkpoint import load_checkpoint
+
+    sd = load_checkpoint(EX_CKPT)
+    hs, counts = collect_hessians(build_model(sd), calibration_batches(load_tokens(EX_TRAIN), 8, 256))
+    return prepare_model(sd, hs, RDConfig(method="ecsq"), counts)
+
+
+@pytest.mark.parametrize("budget", [180_000, 240_000])
+def test_budget_search_on_predicted_bytes_packs_at_most_three_times(example_prep, budget):
+    """The bundled example, entropy-coded: λ is searched on predicted bytes, and only a few
+    real packs settle it within the default 0.2% of the budget, never over it."""
+    res = fit_budget(example_prep, budget, codec="entropy")
+    assert res.bytes <= budget
+    assert budget - res.bytes <= 0.002 * budget, [p.bytes for p in res.history]
+    assert len(res.history) <= 3, [p.bytes for p in res.history]
+    assert res.probes > len(res.history)  # the search itself quantized without packing
+    assert len(pack_model(res.qm, codec="entropy").blob) == res.bytes
+
+
+def test_rate_proxy_tracks_real_bytes_within_a_few_percent(small):
+    from pgolf_pack.rd_search import rate_proxy
+
+    sd, hs = small
+    mp = prepare_model(sd, hs, RDConfig(method="ecsq"))
+    ratios = []
+    for delta in (0.2, 0.35, 0.6):
+        qm = quantize_model_rd(mp, lam_at(mp, delta))
+        ratios.append(len(pack_model(qm, codec="entropy").blob) / rate_proxy(qm))
+    assert max(ratios) / min(ratios) < 1.05, ratios

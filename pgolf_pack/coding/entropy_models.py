@@ -212,24 +212,24 @@ def _eg_len(v: np.ndarray, k: int) -> np.ndarray:
 
 def _table_tokens(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nonzero entries and zero runs: (values, runs) where run > 0 marks a zero run."""
-    t = np.asarray(t, dtype=np.int64)
-    vals, runs = [], []
-    i, n = 0, len(t)
-    nz = np.flatnonzero(t)
-    j = 0
-    while i < n:
-        if t[i]:
-            vals.append(int(t[i]))
-            runs.append(0)
-            i += 1
-        else:
-            while j < len(nz) and nz[j] < i:
-                j += 1
-            end = int(nz[j]) if j < len(nz) else n
-            vals.append(0)
-            runs.append(end - i)
-            i = end
-    return np.array(vals, dtype=np.int64), np.array(runs, dtype=np.int64)
+    t = np.asarray(t, dtype=np.int64).reshape(-1)
+    n = len(t)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    zero = t == 0
+    # One token per nonzero entry and one per zero run (at the run's first index), in order.
+    pos = np.flatnonzero(~zero | (zero & np.r_[True, ~zero[:-1]]))
+    nz = np.flatnonzero(~zero)
+    if nz.size:
+        nxt = np.searchsorted(nz, pos)
+        end = np.where(nxt < nz.size, nz[np.minimum(nxt, nz.size - 1)], n)
+    else:
+        end = np.full(pos.shape, n)
+    zp = zero[pos]
+    return np.where(zp, 0, t[pos]), np.where(zp, end - pos, 0).astype(np.int64)
+
+
+_EG_ORDERS = np.arange(25, dtype=np.int64)
 
 
 def table_bits(t: np.ndarray) -> tuple[int, int]:
@@ -238,10 +238,11 @@ def table_bits(t: np.ndarray) -> tuple[int, int]:
     if len(vals) == 0:
         return 5, 0
     run_bits = int(_eg_len(runs[runs > 0] - 1, 0).sum())
+    # Every order at once (one array op instead of one per k); the scan below keeps the first
+    # minimum before the length starts growing, as the Exp-Golomb length is unimodal in k.
+    lens = (_eg_len(vals[None, :], _EG_ORDERS[:, None]).sum(axis=1) + run_bits + 5).tolist()
     best = None
-    # The total Exp-Golomb length is unimodal in k, so stop once it starts growing.
-    for k in range(0, 25):
-        b = int(_eg_len(vals, k).sum()) + run_bits + 5
+    for k, b in enumerate(lens):
         if best is None or b < best[0]:
             best = (b, k)
         elif b > best[0]:
@@ -263,15 +264,27 @@ def choose_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
     """Quantized table minimizing (data bits under it + its own bits); returns (table, total bits)."""
     c = np.asarray(counts, dtype=np.int64)
     n = int(c.sum())
-    best = None
     top = max(2, int(n).bit_length())
+    # Table precisions 2..top, stopping at the first that holds the counts exactly. All the
+    # candidate tables are quantized and costed in one batch: row i of ``q`` is
+    # ``quantize_counts(c, bits[i])`` and each row's probabilities are normalized on their own.
+    bits = []
     for b in range(2, top + 1):
-        q = quantize_counts(c, b)
-        bits = hist_cost_bits(c, q) + table_bits(q)[0]
-        if best is None or bits < best[1] - 1e-9:
-            best = (q, bits)
+        bits.append(b)
         if n <= (1 << b):
             break
+    if n == 0:
+        q = np.broadcast_to(c, (len(bits), c.size))
+    else:
+        scale = np.array([1 << b for b in bits], dtype=np.int64)[:, None]
+        q = np.where(scale >= n, c[None, :], np.where(c > 0, np.maximum((c * scale + n // 2) // n, 1), 0))
+    costs = cost_bits(q) if c.size else np.zeros((len(bits), 0))
+    cf = c.astype(np.float64)
+    best = None
+    for i in range(len(bits)):
+        total = (float((cf * costs[i]).sum()) if n else 0.0) + table_bits(q[i])[0]
+        if best is None or total < best[1] - 1e-9:
+            best = (np.array(q[i]), total)
     return best
 
 

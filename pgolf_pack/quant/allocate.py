@@ -103,6 +103,17 @@ class TensorInfo:
     h: np.ndarray | None  # count-normalised Hessian (for the proxy error)
     sens: float
     k: float  # K_t of the slope rule (see the module docstring)
+    # What every λ probe of this matrix shares: its row spreads and column step exponents.
+    _grid_parts: tuple | None = None  # (row_mode, col_beta, row spreads, column exponents)
+
+    def grid(self, delta: float, cfg: "RDConfig"):
+        """The ECSQ grid at step multiple ``delta``, its λ-independent parts computed once."""
+        beta = cfg.col_beta if self.prep is not None else 0.0
+        if self._grid_parts is None or self._grid_parts[:2] != (cfg.row_mode, beta):
+            col_exp = col_exponents(column_weights(self.prep), beta) if beta else None
+            self._grid_parts = (cfg.row_mode, beta, row_base(self.w, cfg.row_mode), col_exp)
+        _, _, base, col_exp = self._grid_parts
+        return make_grid(self.w, delta, self.prep, cfg.row_mode, beta, base=base, col_exp=col_exp)
 
     @property
     def numel(self) -> int:
@@ -213,14 +224,14 @@ def quantize_matrix(info: TensorInfo, delta: float, lam: float, cfg: RDConfig) -
     else:  # the matrix's own slope at its step
         from .rdoq import natural_lambda
 
-        lam_t = cfg.rdoq_gain * natural_lambda(make_grid(info.w, delta, prep, cfg.row_mode, beta), prep)
+        lam_t = cfg.rdoq_gain * natural_lambda(info.grid(delta, cfg), prep)
     if cfg.method == "trellis":
         from .trellis import quantize_trellis
 
         return quantize_trellis(info.name, info.w, info.dtype, delta, lam_t, prep, cfg.row_mode, beta,
                                 states=cfg.trellis_states, iters=cfg.iters, coding=cfg.trellis_coding,
                                 block_size=cfg.block_size)
-    grid = make_grid(info.w, delta, prep, cfg.row_mode, beta)
+    grid = info.grid(delta, cfg)
     params: dict = {"gptq": prep is not None, "lambda": float(lam)}
     if cfg.method == "rdoq":
         q, _ = rdoq_codes(info.w, grid, prep, lam_t, cfg.iters, cfg.rate_model, cfg.block_size, name=info.name)
@@ -263,8 +274,7 @@ def _rtn_bits(mp: ModelPrep, lam: float) -> float:
     """Order-0 entropy (bits) of round-to-nearest codes at slope λ: a cheap size probe."""
     bits = 0.0
     for info, (name, delta) in zip(mp.tensors, allocate_steps(mp, lam).items()):
-        grid = make_grid(info.w, delta, info.prep, mp.cfg.row_mode, mp.cfg.col_beta if info.prep is not None else 0.0)
-        q = ecsq_codes(info.w, grid, None)
+        q = ecsq_codes(info.w, info.grid(delta, mp.cfg), None)
         _, c = np.unique(q, return_counts=True)
         bits += float(-(c * np.log2(c / c.sum())).sum())
     return bits

@@ -98,15 +98,21 @@ def col_multipliers(col_exp: np.ndarray) -> np.ndarray:
 
 
 def make_grid(w: np.ndarray, delta: float, prep: PreparedHessian | None = None, row_mode: str = "std",
-              col_beta: float = 0.0) -> EcsqGrid:
+              col_beta: float = 0.0, base: np.ndarray | None = None, col_exp: np.ndarray | None = None) -> EcsqGrid:
+    """The grid at step multiple ``delta``. ``base`` (``row_base(w, row_mode)``) and ``col_exp``
+    (the column exponents at ``col_beta``) do not depend on the step: a caller probing many
+    steps of one matrix passes them computed once."""
     if not (np.isfinite(delta) and delta > 0):
         raise PgolfError(f"ecsq step delta must be a positive number, got {delta}")
     if col_beta and prep is None:
         raise PgolfError("per-column steps (col_beta > 0) need a Hessian")
     if not 0.0 <= col_beta <= 2.0:
         raise PgolfError(f"col_beta must be in [0, 2], got {col_beta}")
-    scale = to_fp16_scale(delta * row_base(w, row_mode))
-    col_exp = col_exponents(column_weights(prep), col_beta) if col_beta else None
+    scale = to_fp16_scale(delta * (row_base(w, row_mode) if base is None else base))
+    if not col_beta:
+        col_exp = None
+    elif col_exp is None:
+        col_exp = col_exponents(column_weights(prep), col_beta)
     return EcsqGrid(scale, col_exp, float(delta), row_mode, float(col_beta))
 
 

@@ -1,0 +1,130 @@
+"""The whole path, stage by stage, in seconds: the record-style pipeline against ours, one run.
+
+Record-style: calibrate (Hessians), GPTQ int6 + SDClip (the #1 record's recipe,
+examples/recipes/record_1855.toml) packed with per-group lrzip, decode. Ours: the same calibrate,
+sensitivity, ``quantize --method ecsq --budget`` at the record artifact's size (so both land on
+the same bytes), decode. The calibrate stage is shared: both pipelines need Hessians. Prints each
+stage's seconds, the totals and the ratio ours / record; ``--json`` writes them.
+
+    python benchmarks/bench_path.py                 # the bench checkpoint (../shared/bench)
+    python benchmarks/bench_path.py --example       # the bundled example: proves the script runs
+    python benchmarks/bench_path.py --device cuda   # calibrate and sensitivity on the GPU
+
+Run it alone on the machine: every figure is wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from pgolf_pack.api import RDPlan, RecipePlan, quantize  # noqa: E402
+from pgolf_pack.calib.adapter import build_model, check_device  # noqa: E402
+from pgolf_pack.calib.calibrate import calibration_batches, collect_hessians  # noqa: E402
+from pgolf_pack.calib.sensitivity import measure_sensitivity  # noqa: E402
+from pgolf_pack.calib.shards import load_tokens  # noqa: E402
+from pgolf_pack.checkpoint import DEFAULT_MIN_NUMEL, load_checkpoint  # noqa: E402
+from pgolf_pack.pack import codecs  # noqa: E402
+from pgolf_pack.pack.packer import unpack_model  # noqa: E402
+from pgolf_pack.quant.allocate import RDConfig  # noqa: E402
+from pgolf_pack.quant.base import dequantize_float32  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT.parent / "shared" / "bench"
+RECORD_RECIPE = ROOT / "examples" / "recipes" / "record_1855.toml"
+TARGETS = {
+    "bench": (BENCH / "baseline_9x512_sp1024.safetensors", str(BENCH / "pydocs_sp1024_train_*.bin")),
+    "example": (ROOT / "examples" / "tiny_gpt.safetensors", str(ROOT / "examples" / "tiny_train_*.bin")),
+}
+
+
+def timed(stages: dict, name: str, fn):
+    t = time.perf_counter()
+    out = fn()
+    stages[name] = time.perf_counter() - t
+    print(f"  {name:<22} {stages[name]:8.2f} s", flush=True)
+    return out
+
+
+def decode(blob: bytes) -> None:
+    qm, _ = unpack_model(blob)
+    for t in qm.tensors:
+        dequantize_float32(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--example", action="store_true", help="the bundled example instead of the bench checkpoint")
+    ap.add_argument("--checkpoint", type=Path, default=None)
+    ap.add_argument("--tokens", default=None, help="glob of TRAIN token shards (calibration and sensitivity)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calib-seqs", type=int, default=64)
+    ap.add_argument("--sens-seqs", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--record-codec", default="lrzip", help="the record pipeline's codec (lrzip; another where it is missing)")
+    ap.add_argument("--budget", type=int, default=None, help="our budget (default: the record artifact's bytes)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    check_device(args.device)
+    ckpt, tokens_glob = TARGETS["example" if args.example else "bench"]
+    ckpt, tokens_glob = args.checkpoint or ckpt, args.tokens or tokens_glob
+    if args.record_codec not in codecs.CODECS or not codecs.get(args.record_codec).available():
+        sys.exit(f"error: codec {args.record_codec} is not available here (--record-codec zstd, for instance)")
+
+    sd = load_checkpoint(ckpt)
+    toks = load_tokens(tokens_glob)
+    print(f"{ckpt.name}: {sum(t.numel() for t in sd.values()):,} parameters; {toks.size:,} train tokens; "
+          f"device {args.device}")
+    shared: dict[str, float] = {}
+    record: dict[str, float] = {}
+    ours: dict[str, float] = {}
+
+    print("shared")
+    loaded = build_model(sd, device=args.device)
+    H, counts = timed(shared, "calibrate", lambda: collect_hessians(
+        loaded, calibration_batches(toks, args.calib_seqs, args.seq_len)))
+
+    print(f"record-style (GPTQ int6 + SDClip, per-group {args.record_codec})")
+    rec = timed(record, "quantize+pack", lambda: quantize(
+        sd, RecipePlan(recipe=RECORD_RECIPE, codec=args.record_codec), hessians=H, counts=counts))
+    timed(record, "decode", lambda: decode(rec.blob))
+
+    budget = args.budget or rec.bytes
+    print(f"ours (sensitivity, ECSQ at a {budget:,}-byte budget, entropy coder)")
+    need = args.sens_seqs * args.seq_len + 1
+    window = toks[(toks.size - need) // 2:][:need]  # the middle of the shard, as a contiguous window
+    sens = timed(ours, "sensitivity", lambda: measure_sensitivity(
+        loaded, H, window, counts, args.sens_seqs, args.seq_len, min_numel=DEFAULT_MIN_NUMEL, names=list(sd)))
+    mine = timed(ours, "quantize+pack (budget)", lambda: quantize(
+        sd, RDPlan(budget=budget, sensitivity=sens.tensor, config=RDConfig(method="ecsq")), hessians=H, counts=counts))
+    timed(ours, "decode", lambda: decode(mine.blob))
+
+    rec_total = shared["calibrate"] + sum(record.values())
+    our_total = shared["calibrate"] + sum(ours.values())
+    encode_ratio = ours["quantize+pack (budget)"] / record["quantize+pack"]
+    print("\nsummary")
+    print(f"  record-style: {rec.bytes:,} bytes; encode {record['quantize+pack']:.2f} s; total {rec_total:.2f} s")
+    print(f"  ours:         {mine.bytes:,} bytes; encode {ours['quantize+pack (budget)']:.2f} s "
+          f"({len(mine.history)} real packs); total {our_total:.2f} s")
+    print(f"  ratio ours/record: encode ×{encode_ratio:.2f}, whole path ×{our_total / rec_total:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "checkpoint": str(ckpt), "device": args.device, "shared": shared, "record": record, "ours": ours,
+            "record_bytes": rec.bytes, "ours_bytes": mine.bytes, "budget": budget, "lambda": mine.lam,
+            "real_packs": [{"lambda": p.lam, "bytes": p.bytes, "seconds": p.seconds} for p in mine.history],
+            "totals": {"record": rec_total, "ours": our_total},
+            "ratios": {"encode": encode_ratio, "total": our_total / rec_total},
+            "sensitivity_span": float(np.max(list(sens.tensor.values())) / max(np.min(list(sens.tensor.values())), 1e-300)),
+        }, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
