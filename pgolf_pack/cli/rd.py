@@ -9,7 +9,9 @@ import typer
 from rich.table import Table
 
 from ..errors import PgolfError
+from ..fileio import check_outputs
 from .app import JsonOpt, analyze_app, console, err_console, fmt_int, handle_errors, print_json
+from .checks import model_inputs, non_negative, positive, shard_inputs
 from .model_opts import DeviceOpt, ModelClassOpt, ModelOpt
 
 
@@ -76,6 +78,10 @@ def rd_cmd(
         raise PgolfError("--plot needs BPB: give --tokens and --tokenizer")
     spec = ModelSpec.parse(model, model_class)
     check_device(device)
+    positive("--lambda-span", lambda_span)
+    non_negative("--col-beta", col_beta)
+    non_negative("--rdoq-gain", rdoq_gain)
+    check_outputs([plot], [checkpoint, hessians, *shard_inputs(tokens), tokenizer, sensitivity, *model_inputs(model)])
     cfg = RDConfig(row_mode=row_mode, col_beta=col_beta, rdoq_gain=rdoq_gain)
     sd = load_checkpoint(checkpoint)
     hs, counts = load_hessians(hessians)
