@@ -55,7 +55,9 @@ def _snapshot(root: Path) -> dict[str, str]:
 def refused(ws: Path, args, text: str = "") -> None:
     """``args`` fails as a user error and leaves every file under ``ws`` as it was, with none added."""
     before = _snapshot(ws)
-    one_line_error(cli(*_fill(args, ws)), text)
+    r = cli(*_fill(args, ws))
+    one_line_error(r, text)
+    assert r.output.count("\n") == 1, repr(r.output)  # not even a blank line from a progress display
     assert _snapshot(ws) == before
 
 
@@ -111,17 +113,42 @@ def test_an_output_never_overwrites_an_input(ws, case):
     refused(ws, args, text)
 
 
+def _readable_by_all(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o005 == 0o005 for p in (path, *path.parents))
+
+
 def test_an_unwritable_output_directory_is_refused_before_work(ws):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: a read-only mode does not stop root's writes, so there is nothing to refuse")
-    ro = ws / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+    if os.geteuid() != 0:
+        ro = ws / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            refused(ws, ("quantize", "CKPT", "-o", ro / "x.pgp"), "not writable")
+            refused(ws, (*CAL, "-o", ro / "H2.safetensors"), "not writable")
+        finally:
+            ro.chmod(0o755)
+        return
+    # Root writes through a read-only mode, so there is nothing to refuse: run the command as
+    # nobody instead, where the system lets us.
+    if shutil.which("setpriv") is None or not (_readable_by_all(ROOT) and _readable_by_all(Path(sys.executable).parent)):
+        pytest.skip("running as root without setpriv or a world-readable checkout: a read-only mode stops no write")
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="pgolf-ro-"))
     try:
-        refused(ws, ("quantize", "CKPT", "-o", ro / "x.pgp"), "not writable")
-        refused(ws, (*CAL, "-o", ro / "H2.safetensors"), "not writable")
+        top.chmod(0o777)
+        shutil.copy(ws / "model.safetensors", top / "m.safetensors")
+        (top / "m.safetensors").chmod(0o644)
+        (top / "ro").mkdir(mode=0o555)
+        (top / "ro").chmod(0o555)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(top), "NUMBA_CACHE_DIR": str(top / "numba")}
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                            "pgolf_pack.cli", "quantize", "m.safetensors", "-o", "ro/x.pgp"], cwd=top, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", "error: output directory is not writable: ro\n")
+        assert not list((top / "ro").iterdir())
     finally:
-        ro.chmod(0o755)
+        shutil.rmtree(top)
 
 
 BAD_OPTIONS = {
