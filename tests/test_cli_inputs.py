@@ -191,10 +191,12 @@ BAD_OPTIONS = {
     "calibrate --batch 0": ((*CAL, "-o", "NEW", "--batch", 0), "--batch"),
     "calibrate --num-heads 0": ((*CAL, "-o", "NEW", "--num-heads", 0), "--num-heads"),
     "calibrate --device tpu": ((*CAL, "-o", "NEW", "--device", "tpu"), "--device"),
+    "calibrate --seed -1": ((*CAL, "-o", "NEW", "--seed", -1), "--seed"),
     "sensitivity --seqs 0": ((*SENS, "-o", "NEW", "--seqs", 0), "--seqs"),
     "sensitivity --seq-len 1": ((*SENS, "-o", "NEW", "--seq-len", 1), "--seq-len"),
     "sensitivity --min-numel -1": ((*SENS, "-o", "NEW", "--min-numel", -1), "--min-numel"),
     "sensitivity --device tpu": ((*SENS, "-o", "NEW", "--device", "tpu"), "--device"),
+    "sensitivity --seed -1": ((*SENS, "-o", "NEW", "--seed", -1), "--seed"),
     "analyze size --bits 9": (("analyze", "size", "CKPT", "--bits", 9), "--bits"),
     "analyze size --top 0": (("analyze", "size", "CKPT", "--top", 0), "--top"),
     "analyze size --sigmas nan": (("analyze", "size", "CKPT", "--sigmas", "nan"), "sigmas"),
@@ -208,6 +210,8 @@ BAD_OPTIONS = {
     "analyze rd --lambda-span 0": ((*RD, "--lambda-span", 0), "--lambda-span"),
     "analyze rd --col-beta nan": ((*RD, "--col-beta", "nan"), "--col-beta"),
     "analyze rd --device tpu": ((*RD, "--device", "tpu"), "--device"),
+    "analyze rd --lambdas inf": ((*RD, "--lambdas", "inf"), "--lambdas"),
+    "analyze rd --pipelines ''": ((*RD, "--pipelines", ""), "--pipelines"),
 }
 
 
@@ -275,6 +279,16 @@ def test_good_values_next_to_the_bad_ones_still_run(ws):
         r = cli(*_fill(args, ws))
         assert r.exit_code == 0, r.output
         assert (ws / "new.out").stat().st_size > 0
+
+
+def test_calibrate_says_when_the_tokens_hold_fewer_windows_than_asked(ws):
+    r = cli(*_fill((*CAL, "-o", "NEW", "--seqs", 100, "--seq-len", 256, "--json"), ws))
+    assert r.exit_code == 0, r.output
+    assert "holds only 23 windows of 256 tokens, fewer than --seqs 100" in r.output
+    from pgolf_pack.calib.hessian import load_hessians
+
+    _, counts = load_hessians(ws / "new.out")
+    assert max(counts.values()) == 23 * 256
 
 
 def _spawn(args, **kw) -> subprocess.Popen:

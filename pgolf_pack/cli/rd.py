@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,7 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
         vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise PgolfError(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if not vals or any(not v > 0 for v in vals):
+    if not vals or any(not (v > 0 and math.isfinite(v)) for v in vals):
         raise PgolfError(f"{what} must be positive numbers, got {text!r}")
     return vals
 
@@ -69,6 +70,8 @@ def rd_cmd(
     from ..quant.allocate import RDConfig, load_sensitivity
 
     names = [p.strip() for p in pipelines.split(",") if p.strip()]
+    if not names:
+        raise PgolfError(f"--pipelines names none; choose from {', '.join(PIPELINES)}")
     bad = [p for p in names if p not in PIPELINES]
     if bad:
         raise PgolfError(f"unknown pipeline {bad[0]!r}; choose from {', '.join(PIPELINES)}")

@@ -47,6 +47,7 @@ def sensitivity(
     from .checks import at_least, model_inputs, shard_inputs
 
     at_least("--min-numel", min_numel, 0)
+    at_least("--seed", seed, 0)
     check_device(device)
     check_outputs([output], [checkpoint, hessians, *shard_inputs(tokens), *model_inputs(model)])
     sd = load_checkpoint(checkpoint)
