@@ -32,7 +32,7 @@ import torch
 from .analyze.optimize import OptimizeDetails, default_candidates, optimize_plan, recipe_text
 from .checkpoint import DEFAULT_MIN_NUMEL, is_quantizable, load_checkpoint
 from .errors import PgolfError
-from .fileio import atomic_write_bytes, check_not_input
+from .fileio import atomic_write_bytes, check_outputs
 from .pack.packer import _check_codec, pack_model, unpack_model
 from .pipeline import NEEDS_HESSIAN, LqerOptions, PackReport, quantize_tensors, report
 from .quant.allocate import METHODS as RD_METHODS
@@ -313,13 +313,6 @@ def quantize(
     return _run(tensors, plan, inputs, hessians, counts, progress, warn)
 
 
-def _check_output(path: Path, inputs: list[Path | None]) -> None:
-    check_not_input(path, *inputs)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise PgolfError(f"output directory does not exist: {parent}")
-
-
 def quantize_file(
     checkpoint: PathLike,
     output: PathLike,
@@ -341,11 +334,10 @@ def quantize_file(
     h_path = None if hessians is None or isinstance(hessians, Mapping) else Path(hessians)
     inputs = check_plan(plan, hessians is not None)
     sources = [checkpoint, h_path, *inputs.paths]
-    _check_output(output, sources)
     recipe_path = None
     if isinstance(plan, BitBudgetPlan):
         recipe_path = Path(plan.recipe_out) if plan.recipe_out is not None else output.with_name(output.name + ".recipe.toml")
-        _check_output(recipe_path, [*sources, output])
+    check_outputs([output, recipe_path], sources)
     tensors = load_checkpoint(checkpoint)
     if h_path is not None:
         from .calib.hessian import load_hessians

@@ -87,9 +87,9 @@ def verify_roundtrip(path: str | Path, against: str | Path | None = None, max_de
 
 def unpack_file(path: str | Path, out: str | Path, max_decoded_bytes: int | None = None) -> dict[str, torch.Tensor]:
     from .checkpoint import save_safetensors
-    from .fileio import check_not_input
+    from .fileio import check_outputs
 
-    check_not_input(Path(out), Path(path))
+    check_outputs([out], [path])
     qm, _ = unpack_model(read_artifact(path), max_decoded_bytes=max_decoded_bytes)
     state = dequantize_model(qm)
     save_safetensors(state, out, {"source": "pgolf-pack unpack"})

@@ -17,7 +17,9 @@ from ..errors import PgolfError
 from ..pack.packer import CODEC_CHOICES
 from ..quant.rtn import CLIP_RULES
 from ..recipe import Recipe, load_recipe, simple_recipe
+from ..fileio import check_outputs
 from .app import JsonOpt, analyze_app, console, fmt_int, handle_errors, print_json, progress
+from .checks import positive
 
 _CODEC_HELP = f"codec when packing a checkpoint: {' | '.join(CODEC_CHOICES)}"
 
@@ -123,6 +125,7 @@ def size_cmd(
 
     Rows plus the header+manifest line add up to the artifact size exactly.
     """
+    check_outputs([csv], [input, recipe, hessians])
     if sort not in SORT_KEYS:
         raise PgolfError(f"unknown sort key {sort!r}; choose one of {', '.join(SORT_KEYS)}")
     if split not in SPLITS:
@@ -215,10 +218,10 @@ def rms_cmd(
 
     Fits ratio on RMS and on log RMS and reports R² and the worst-fitting matrices.
     """
+    check_outputs([plot], [checkpoint])
     if clip not in CLIP_RULES:
         raise PgolfError(f"unknown clip rule {clip!r}; choose one of {', '.join(CLIP_RULES)}")
-    if sigmas <= 0:
-        raise PgolfError(f"--sigmas must be positive, got {sigmas}")
+    positive("--sigmas", sigmas, "a positive clip width in row std")
     tensors = load_checkpoint(checkpoint)
     rec = rms_recipe(bits, clip, None if search_clip else sigmas, min_numel)
     with progress(not json_out, len(tensors), "quantize") as step:

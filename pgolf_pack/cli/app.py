@@ -13,10 +13,39 @@ from typing import Callable, Iterator
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
 
 from ..errors import PgolfError
 
+# Typer vendors click in recent versions and depends on it in older ones: find its base error class
+# through a public name rather than importing either.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(TyperGroup):
+    """Typer's own usage errors (a missing or unknown option, a value of the wrong type or out of
+    range) end like every other user error: one ``error:`` line and exit 1, not a usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except _CLICK_ERROR as e:
+            if any(c.__name__ == "NoArgsIsHelpError" for c in type(e).__mro__):
+                e.show()  # the help text a bare command asked for
+                sys.exit(e.exit_code)
+            err_console.print(f"error: {' '.join(e.format_message().split())}", markup=False, soft_wrap=True)
+            sys.exit(1)
+        except typer.Abort:
+            err_console.print("error: aborted", markup=False)
+            sys.exit(1)
+        # Without standalone mode an Exit (ours, or typer's on Ctrl-C) comes back as its code.
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="pgolf-pack",
     help="Quantize and pack small LM checkpoints into the smallest artifact that still scores well.",
     no_args_is_help=True,

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from ..fileio import check_not_input
+from ..fileio import check_outputs
 from .app import JsonOpt, app, console, err_console, handle_errors, print_json, progress
+from .checks import at_least, model_inputs, shard_inputs
 from .model_opts import DeviceOpt, ModelClassOpt, ModelOpt, build_cli_model, model_line, reference_overrides
 
 
@@ -51,24 +52,33 @@ def calibrate(
     """Collect GPTQ Hessians H = Σ xᵀx by running the model over calibration tokens."""
     import time
 
-    from ..calib.adapter import parse_tied_head
+    from ..calib.adapter import check_device, parse_tied_head
     from ..calib.calibrate import calibration_batches, collect_hessians, weights_without_hessian
     from ..calib.hessian import save_hessians
     from ..calib.shards import load_tokens
     from ..checkpoint import load_checkpoint
 
-    check_not_input(output, checkpoint)
+    for flag, v in (("--seqs", seqs), ("--batch", batch), ("--num-heads", num_heads), ("--num-kv-heads", num_kv_heads)):
+        at_least(flag, v)
+    at_least("--seq-len", seq_len, 2)
+    at_least("--seed", seed, 0)
+    check_device(device)
+    check_outputs([output], [checkpoint, *shard_inputs(tokens), *model_inputs(model)])
     tied = parse_tied_head(tied_head)
     sd = load_checkpoint(checkpoint)
     toks = load_tokens(tokens, max_tokens=None)
     batches = calibration_batches(toks, seqs, seq_len, batch, seed)
+    got = sum(int(b[0].shape[0]) for b in batches)
+    if got < seqs:
+        err_console.print(f"warning: {tokens} holds only {got:,} windows of {seq_len:,} tokens, fewer than --seqs {seqs:,}; "
+                          f"calibrating on {got:,}", markup=False, soft_wrap=True)
     loaded = build_cli_model(sd, model, model_class, device, reference_overrides(num_heads, num_kv_heads), tied)
     t0 = time.perf_counter()
     with progress(not json_out, len(batches), "calibrate") as step:
         uses: dict = {}
         H, counts = collect_hessians(loaded, batches, progress=_advance(step), uses=uses)
     missing = weights_without_hessian(loaded.module, H)
-    meta = {"checkpoint": Path(checkpoint).name, "seqs": seqs, "seq_len": seq_len, "seed": seed, "tokens": tokens}
+    meta = {"checkpoint": Path(checkpoint).name, "seqs": got, "seq_len": seq_len, "seed": seed, "tokens": tokens}
     if model is not None:
         meta["model"] = loaded.to_dict()
     save_hessians(output, H, counts, meta)
@@ -116,6 +126,9 @@ def eval_cmd(
     from ..calib.shards import load_tokens
     from ..errors import PgolfError
 
+    for flag, v in (("--seq-len", seq_len), ("--batch", batch), ("--max-seqs", max_seqs), ("--num-heads", num_heads),
+                    ("--num-kv-heads", num_kv_heads)):
+        at_least(flag, v)
     check_device(device)
     if not Path(tokenizer).is_file():
         raise PgolfError(f"tokenizer not found: {tokenizer}")

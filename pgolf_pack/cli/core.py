@@ -18,9 +18,11 @@ from ..fileio import check_not_input
 from ..pack.container import read_container
 from ..pack.packer import CODEC_CHOICES
 from ..pipeline import LqerOptions
-from ..recipe import EMBED_GLOB, load_recipe, recipe_from_dict, simple_recipe
+from ..quant.rtn import CLIP_RULES
+from ..recipe import EMBED_GLOB, METHODS, load_recipe, recipe_from_dict, simple_recipe
 from ..verify import read_artifact, unpack_file, verify_roundtrip
 from .app import JsonOpt, app, console, fmt_int, handle_errors, print_json
+from .checks import at_least, positive
 from .render import StageProgress, render_quantize, warn
 
 # Options that only some paths read. Each path lists what it reads; any other given option is
@@ -33,6 +35,19 @@ _LQER_DETAIL = ("--lqer-rank", "--lqer-bits", "--lqer-group", "--lqer-weighted")
 _SCHEME_FLAGS = ("--method", "--bits", "--embed-bits", "--clip", "--sigmas", "--embed-sigmas", "--min-numel",
                  "--fp16-passthrough")
 _INT_SCHEME_FLAGS = ("--bits", "--embed-bits", "--clip", "--sigmas", "--embed-sigmas")
+
+
+def check_values(method: str, clip: str, sigmas: Optional[float], embed_sigmas: Optional[float],
+                 min_numel: Optional[int]) -> None:
+    """Values named by their flag, before any path is chosen (a NaN width would zero every weight)."""
+    known = tuple(dict.fromkeys((*METHODS, *RD_METHODS)))
+    if method not in known:
+        raise PgolfError(f"--method: unknown method {method!r}; choose one of {', '.join(known)}")
+    if clip not in CLIP_RULES:
+        raise PgolfError(f"--clip: unknown clip {clip!r}; choose one of {', '.join(CLIP_RULES)}")
+    positive("--sigmas", sigmas, "a positive clip width in row std")
+    positive("--embed-sigmas", embed_sigmas, "a positive clip width in row std")
+    at_least("--min-numel", min_numel, 0)
 
 
 def refuse_ignored(method: str, given: dict[str, bool], clip: str, recipe: bool, budget: bool, lqer_top_k: int) -> None:
@@ -135,6 +150,7 @@ def quantize(
              "--tokens": tokens is not None, "--budget": budget is not None, "--save-recipe": save_recipe_to is not None,
              "--lam": lam is not None, "--sensitivity": sensitivity is not None}
     method, clip = method or "rtn", clip or "sdclip"
+    check_values(method, clip, sigmas, embed_sigmas, min_numel)
     refuse_ignored(method, given, clip, recipe is not None, budget is not None, lqer_top_k)
     passthrough = "fp16" if fp16_passthrough else "float"
     min_numel = DEFAULT_MIN_NUMEL if min_numel is None else min_numel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,9 @@ import typer
 from rich.table import Table
 
 from ..errors import PgolfError
+from ..fileio import check_outputs
 from .app import JsonOpt, analyze_app, console, err_console, fmt_int, handle_errors, print_json
+from .checks import model_inputs, non_negative, positive, shard_inputs
 from .model_opts import DeviceOpt, ModelClassOpt, ModelOpt
 
 
@@ -20,7 +23,7 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
         vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise PgolfError(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if not vals or any(not v > 0 for v in vals):
+    if not vals or any(not (v > 0 and math.isfinite(v)) for v in vals):
         raise PgolfError(f"{what} must be positive numbers, got {text!r}")
     return vals
 
@@ -67,6 +70,8 @@ def rd_cmd(
     from ..quant.allocate import RDConfig, load_sensitivity
 
     names = [p.strip() for p in pipelines.split(",") if p.strip()]
+    if not names:
+        raise PgolfError(f"--pipelines names none; choose from {', '.join(PIPELINES)}")
     bad = [p for p in names if p not in PIPELINES]
     if bad:
         raise PgolfError(f"unknown pipeline {bad[0]!r}; choose from {', '.join(PIPELINES)}")
@@ -76,6 +81,10 @@ def rd_cmd(
         raise PgolfError("--plot needs BPB: give --tokens and --tokenizer")
     spec = ModelSpec.parse(model, model_class)
     check_device(device)
+    positive("--lambda-span", lambda_span)
+    non_negative("--col-beta", col_beta)
+    non_negative("--rdoq-gain", rdoq_gain)
+    check_outputs([plot], [checkpoint, hessians, *shard_inputs(tokens), tokenizer, sensitivity, *model_inputs(model)])
     cfg = RDConfig(row_mode=row_mode, col_beta=col_beta, rdoq_gain=rdoq_gain)
     sd = load_checkpoint(checkpoint)
     hs, counts = load_hessians(hessians)

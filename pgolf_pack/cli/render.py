@@ -63,11 +63,6 @@ class StageProgress:
         self._stage: str | None = None
 
     def __enter__(self) -> "StageProgress":
-        if self.enabled:
-            self._bars = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TextColumn("{task.fields[item]}"), console=err_console,
-                                      transient=True)
-            self._bars.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -75,8 +70,15 @@ class StageProgress:
             self._bars.__exit__(*exc)
 
     def __call__(self, ev: Progress) -> None:
-        if self._bars is None:
+        if not self.enabled:
             return
+        if self._bars is None:
+            # Started by the first event, not on entry: a refusal before any work prints only its
+            # error line (a stopped live display leaves a blank line on a non-terminal stderr).
+            self._bars = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("{task.fields[item]}"), console=err_console,
+                                      transient=True)
+            self._bars.__enter__()
         if ev.stage != self._stage:
             if self._task is not None:
                 self._bars.remove_task(self._task)

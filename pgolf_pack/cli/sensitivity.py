@@ -43,11 +43,13 @@ def sensitivity(
     from ..calib.shards import load_tokens
     from ..checkpoint import is_quantizable, load_checkpoint
     from ..errors import PgolfError
-    from ..fileio import atomic_write_bytes, check_not_input
+    from ..fileio import atomic_write_bytes, check_outputs
+    from .checks import at_least, model_inputs, shard_inputs
 
+    at_least("--min-numel", min_numel, 0)
+    at_least("--seed", seed, 0)
     check_device(device)
-    check_not_input(output, checkpoint)
-    check_not_input(output, hessians)
+    check_outputs([output], [checkpoint, hessians, *shard_inputs(tokens), *model_inputs(model)])
     sd = load_checkpoint(checkpoint)
     H, counts = load_hessians(hessians)
     toks = load_tokens(tokens)
