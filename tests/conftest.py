@@ -83,3 +83,22 @@ def ckpt_path(tmp_path, state_dict):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def hessians_for(sd, seed=0):
+    """Random positive-definite Hessians with spread column scales for every quantizable matrix."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, t in sd.items():
+        if t.dim() == 2 and t.numel() >= 4096:
+            cols = t.shape[1]
+            x = rng.standard_normal((3 * cols, cols)) * np.exp(rng.normal(0, 1.0, cols))
+            out[name] = (x.T @ x).astype(np.float32)
+    return out
+
+
+def lam_at(mp, delta):
+    """The λ that gives the median matrix a step of ``delta`` (its spread's multiple)."""
+    from pgolf_pack.quant.allocate import SLOPE
+
+    return delta * delta * float(np.median([t.k * t.sens for t in mp.tensors])) / SLOPE

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_state_dict
+from conftest import hessians_for, lam_at, make_state_dict
 from pgolf_pack.errors import PgolfError
 from pgolf_pack.pack.packer import pack_model
 from pgolf_pack.quant.allocate import (
@@ -22,26 +22,10 @@ from pgolf_pack.quant.allocate import (
 )
 
 
-def hessians_for(sd, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, t in sd.items():
-        if t.dim() == 2 and t.numel() >= 4096:
-            cols = t.shape[1]
-            x = rng.standard_normal((3 * cols, cols)) * np.exp(rng.normal(0, 1.0, cols))
-            out[name] = (x.T @ x).astype(np.float32)
-    return out
-
-
 @pytest.fixture(scope="module")
 def small():
     sd = make_state_dict(seed=3, layers=1, dim=64, vocab=256)
     return sd, hessians_for(sd)
-
-
-def lam_at(mp, delta):
-    """The λ that gives the median matrix a step of ``delta`` (its spread's multiple)."""
-    return delta * delta * float(np.median([t.k * t.sens for t in mp.tensors])) / SLOPE
 
 
 def test_steps_have_equal_slope(small):
