@@ -262,7 +262,8 @@ def _symbol_group(arr: np.ndarray):
 
 
 def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
-    from pgolf_pack.pack.packer import _best_layout, _hopeless, _laid_out, encode_group
+    from pgolf_pack.pack.packer import (_SAMPLE_MARGIN, _SLOW_OVER_FAST_MIN, Group, _Slice, _best_layout, _hopeless,
+                                        _laid_out, encode_group)
 
     rng = np.random.default_rng(3)
     # Independent symbols whose spread changes from column to column: nothing for a dictionary
@@ -272,6 +273,15 @@ def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
     ent, desc = encode_group(g, "entropy")
     laid = _laid_out(g, _best_layout(g))
     assert all(_hopeless(c, laid, len(ent)) for c in ("brotli", "zstd", "lzma"))
+    # Row and column spreads over two decades in wide codes, as rate-distortion codes are: the
+    # fast zstd's size of the slice alone settles it, no slow codec needs to run.
+    wide = np.round(rng.standard_normal((520, 1024)) * np.geomspace(0.1, 10, 520)[:, None]
+                    * rng.permutation(np.geomspace(0.1, 10, 1024))[None, :]).astype(np.int16)
+    gw = Group("g:q:<i2", "symbols", [("t", "q")], [wide], int(wide.min()), int(wide.max()))
+    ent_w, _ = encode_group(gw, "entropy")
+    piece = _Slice(_laid_out(gw, _best_layout(gw)))
+    assert _SLOW_OVER_FAST_MIN * piece.fast > _SAMPLE_MARGIN * len(ent_w)
+    assert encode_group(gw, "auto-fast")[0] == ent_w
     payload, desc = encode_group(g, "auto-fast")
     assert desc["codec"] == "entropy" and payload == ent
     # A short sequence repeated across row boundaries: a byte codec's matches win by a mile and
