@@ -98,6 +98,13 @@ class BudgetResult:
 # The ratio real/proxy may drift at most this much per unit of ln λ when extrapolated beyond the
 # packed points (measured drift on the bundled example: about 0.017).
 _MAX_RATIO_SLOPE = 0.05
+# With no packed point the proxy itself is the prediction: real/proxy measured 0.77-1.0 (the
+# bundled example at λ 1e-9..1e-5, the bench checkpoint 0.983-0.988 near its record size), so the
+# first real pack lands at or a little under the aim, and its ratio then corrects the rest.
+_PRIOR_RATIO = 1.0
+# The entropy models a search pins after its first pack: these code any symbol range (escapes);
+# ``ref`` has a range limit, so its groups keep choosing.
+_PINNABLE = ("hist", "col", "row", "rc")
 # With one packed point the drift is unknown; the ratio grows as λ falls (the coders' fixed
 # side information weighs more, and the proxy misses context gains less): this prior slope per
 # unit of ln λ is the bundled example's, and the next real pack replaces it with a measured one.
@@ -116,6 +123,8 @@ class _Corrected:
 
     def ratio(self, lam: float) -> float:
         x, pts = math.log(lam), self.pts
+        if not pts:
+            return _PRIOR_RATIO
         if len(pts) == 1:
             return pts[0][1] + _PRIOR_RATIO_SLOPE * (x - pts[0][0])
         if x <= pts[0][0]:
@@ -147,9 +156,11 @@ def fit_budget(
     """Largest-quality λ whose real packed artifact (+ ``extra_bytes``, e.g. code) fits ``budget``.
 
     λ is searched on predicted bytes: each probe quantizes once (every λ at most once) and
-    scores :func:`rate_proxy` scaled by the real/proxy ratio of the packs made so far; only the
-    λ the prediction picks is packed for real, and each real pack sharpens the ratio. Usually
-    two or three real packs land within ``rel_tol`` of the budget. Only really packed points
+    scores :func:`rate_proxy` scaled by the real/proxy ratio of the packs made so far (the proxy
+    alone before the first); only the λ the prediction picks is packed for real, and each real
+    pack sharpens the ratio. Usually two real packs land within ``rel_tol`` of the budget. With
+    the entropy codec, the models the first pack chose are pinned for the later ones (each
+    group then fits one model, not every candidate). Only really packed points
     are ever returned, so the artifact never exceeds the budget. Stops after ``max_iter`` real
     packs. Raises PgolfError, saying by how many bytes, when even the coarsest λ tried does not
     fit (the quantize API refuses a non-positive budget before any work).
@@ -171,10 +182,15 @@ def fit_budget(
     def predict(lam: float) -> float:
         return quantize(lam)[1] * corr.ratio(lam)
 
+    pins: dict[str, dict] = {}
+
     def pack(lam: float) -> int:
         t0 = time.perf_counter()
         qm, proxy = quantize(lam)
-        res = pack_model(qm, codec=codec, grouping=grouping)
+        res = pack_model(qm, codec=codec, grouping=grouping, choices=pins)
+        if codec == "entropy" and not pins:
+            pins.update({g["name"]: {"codec": "entropy", "model": g["model"]} for g in res.manifest["groups"]
+                         if g["codec"] == "entropy" and g.get("model") in _PINNABLE})
         packed[lam] = res
         p = BudgetPoint(lam, len(res.blob) + extra_bytes, time.perf_counter() - t0)
         history.append(p)
@@ -192,7 +208,7 @@ def fit_budget(
         slope = per_log2
         for _ in range(max_probes):
             if abs(f - target) <= 0.1 * rel_tol * budget:
-                break
+                return 2.0**x, False  # within a tenth of the tolerance of the aim: under the budget
             if f > target:
                 lo = (x, f) if lo is None or x > lo[0] else lo
             else:
@@ -211,12 +227,12 @@ def fit_budget(
                 slope = max((f - nf) / (nx - x), 1e-3 * per_log2)
             x, f = nx, nf
         if f > target and hi is not None:
-            x = hi[0]  # never hand back a λ predicted over the target when one under is known
+            x = hi[0]  # not converged: never hand back a λ predicted over the target when one under is known
         return 2.0**x, False
 
     lam = lam0 if lam0 is not None else _initial_lambda(mp, budget - extra_bytes)
     aim = budget * (1.0 - 0.5 * rel_tol)
-    pack(lam)
+    pack(search(aim, lam)[0])
     while len(history) < max_iter:
         best = max((p.bytes for p in history if p.bytes <= budget), default=None)
         if best is not None and budget - best <= rel_tol * budget:
