@@ -9,6 +9,10 @@ stage's seconds, the totals and the ratio ours / record; ``--json`` writes them.
     python benchmarks/bench_path.py                 # the bench checkpoint (../shared/bench)
     python benchmarks/bench_path.py --example       # the bundled example: proves the script runs
     python benchmarks/bench_path.py --device cuda   # calibrate and sensitivity on the GPU
+    python benchmarks/bench_path.py --score         # also both artifacts' val BPB: (bytes, BPB) pairs
+
+After the path, our artifact's symbols are packed again alone with ``entropy`` and with
+``auto-fast`` (the pack-only figures, and their ratio).
 
 Run it alone on the machine: every figure is wall-clock time.
 """
@@ -26,15 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from pgolf_pack.api import RDPlan, RecipePlan, quantize  # noqa: E402
+from pgolf_pack.calib.bpb import evaluate_bpb  # noqa: E402
 from pgolf_pack.calib.adapter import build_model, check_device  # noqa: E402
 from pgolf_pack.calib.calibrate import calibration_batches, collect_hessians  # noqa: E402
 from pgolf_pack.calib.sensitivity import measure_sensitivity  # noqa: E402
 from pgolf_pack.calib.shards import load_tokens  # noqa: E402
 from pgolf_pack.checkpoint import DEFAULT_MIN_NUMEL, load_checkpoint  # noqa: E402
 from pgolf_pack.pack import codecs  # noqa: E402
-from pgolf_pack.pack.packer import unpack_model  # noqa: E402
+from pgolf_pack.pack.packer import pack_model, unpack_model  # noqa: E402
 from pgolf_pack.quant.allocate import RDConfig  # noqa: E402
 from pgolf_pack.quant.base import dequantize_float32  # noqa: E402
+from pgolf_pack.verify import dequantize_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
@@ -42,6 +48,10 @@ RECORD_RECIPE = ROOT / "examples" / "recipes" / "record_1855.toml"
 TARGETS = {
     "bench": (BENCH / "baseline_9x512_sp1024.safetensors", str(BENCH / "pydocs_sp1024_train_*.bin")),
     "example": (ROOT / "examples" / "tiny_gpt.safetensors", str(ROOT / "examples" / "tiny_train_*.bin")),
+}
+SCORING = {  # validation tokens and tokenizer, for --score only
+    "bench": (str(BENCH / "pydocs_sp1024_val_*.bin"), BENCH / "tokenizer_pydocs_sp1024.model"),
+    "example": (str(ROOT / "examples" / "tiny_val_*.bin"), ROOT / "examples" / "tiny_sp512.model"),
 }
 
 
@@ -70,6 +80,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--record-codec", default="lrzip", help="the record pipeline's codec (lrzip; another where it is missing)")
     ap.add_argument("--budget", type=int, default=None, help="our budget (default: the record artifact's bytes)")
+    ap.add_argument("--score", action="store_true", help="score both artifacts' val BPB (full val shard: minutes)")
+    ap.add_argument("--max-seqs", type=int, default=None, help="with --score: the first N val sequences only")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -107,6 +119,22 @@ def main() -> None:
         sd, RDPlan(budget=budget, sensitivity=sens.tensor, config=RDConfig(method="ecsq")), hessians=H, counts=counts))
     timed(ours, "decode", lambda: decode(mine.blob))
 
+    print("pack only (our artifact's symbols again)")
+    packs: dict[str, float] = {}
+    ent = timed(packs, "entropy", lambda: pack_model(mine.qm, codec="entropy"))
+    fast = timed(packs, "auto-fast", lambda: pack_model(mine.qm, codec="auto-fast"))
+    print(f"  auto-fast / entropy    ×{packs['auto-fast'] / packs['entropy']:.2f} "
+          f"({len(fast.blob):,} vs {len(ent.blob):,} bytes)")
+    scores: dict[str, float] = {}
+    if args.score:
+        val_glob, sp_model = SCORING["example" if args.example else "bench"]
+        val = load_tokens(val_glob)
+        print(f"val BPB ({'all' if args.max_seqs is None else args.max_seqs} sequences of {val_glob})")
+        for name, blob in (("record-style", rec.blob), ("ours", mine.blob)):
+            model = build_model(dequantize_model(unpack_model(blob)[0]), device=args.device)
+            scores[name] = evaluate_bpb(model, val, sp_model, seq_len=args.seq_len, max_seqs=args.max_seqs)["bpb"]
+            print(f"  {name:<14} {len(blob):>12,} bytes  BPB {scores[name]:.5f}", flush=True)
+
     rec_total = shared["calibrate"] + sum(record.values())
     our_total = shared["calibrate"] + sum(ours.values())
     encode_ratio = ours["quantize+pack (budget)"] / record["quantize+pack"]
@@ -122,6 +150,8 @@ def main() -> None:
             "real_packs": [{"lambda": p.lam, "bytes": p.bytes, "seconds": p.seconds} for p in mine.history],
             "totals": {"record": rec_total, "ours": our_total},
             "ratios": {"encode": encode_ratio, "total": our_total / rec_total},
+            "pack_only": {**packs, "entropy_bytes": len(ent.blob), "auto_fast_bytes": len(fast.blob)},
+            "bpb": scores,
             "sensitivity_span": float(np.max(list(sens.tensor.values())) / max(np.min(list(sens.tensor.values())), 1e-300)),
         }, indent=1) + "\n")
 
