@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="our budget (default: the record artifact's bytes)")
     ap.add_argument("--score", action="store_true", help="score both artifacts' val BPB (full val shard: minutes)")
     ap.add_argument("--max-seqs", type=int, default=None, help="with --score: the first N val sequences only")
+    ap.add_argument("--save", type=Path, default=None, help="write both artifacts into this folder (record.pgp, ours.pgp)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -119,6 +120,10 @@ def main() -> None:
         sd, RDPlan(budget=budget, sensitivity=sens.tensor, config=RDConfig(method="ecsq")), hessians=H, counts=counts))
     timed(ours, "decode", lambda: decode(mine.blob))
 
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        (args.save / "record.pgp").write_bytes(rec.blob)
+        (args.save / "ours.pgp").write_bytes(mine.blob)
     print("pack only (our artifact's symbols again)")
     packs: dict[str, float] = {}
     ent = timed(packs, "entropy", lambda: pack_model(mine.qm, codec="entropy"))
