@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import pgolf_pack.cli.analyze  # noqa: F401  (registers the analyze commands)
+from pgolf_pack.ship.minify import minify, unwrap, wrappers
 from pgolf_pack.analyze.budget import (
-    BudgetReport, code_cost, decoder_cost, margin_use, minify_source, unwrap_code, wrap_code,
+    BudgetReport, code_cost, decoder_cost, margin_use,
 )
 from pgolf_pack.analyze.optimize import (
     Option, _hull, _toml_value, measure_candidates, optimize_plan, plan_for_budget, recipe_to_toml, save_recipe,
@@ -123,30 +124,48 @@ class Box:
 '''
 
 
-@pytest.mark.parametrize("method", ["lzma", "brotli"])
-def test_code_wrapper_runs_and_decodes(method):
-    small = minify_source(SOURCE)
-    assert len(small) < len(SOURCE) and "docstring" not in small and "comment" not in small
-    w = wrap_code(small, method)
-    assert unwrap_code(w) == small
-    ns: dict = {}
-    exec(compile(w, "<wrapper>", "exec"), ns)
-    assert ns["area"](2.0) == pytest.approx(4 * np.pi)
-    assert isinstance(ns["Box"](), ns["Box"])
+SOURCE_TYPED = SOURCE + '''
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class Hyper:
+    "Read back through its annotations, as typer and dataclasses do."
+    lr: float = 0.1
+    steps: int = 3
+'''
+
+
+def test_user_code_wrappers_run_and_decode():
+    small = minify(SOURCE_TYPED, keep_annotations=True)
+    assert len(small) < len(SOURCE_TYPED) and "docstring" not in small and "comment" not in small
+    for method, w in wrappers(small).items():
+        assert unwrap(w) == small, method
+        ns: dict = {}
+        exec(compile(w, "<wrapper>", "exec"), ns)
+        assert ns["area"](2.0) == pytest.approx(4 * np.pi)
+        assert isinstance(ns["Box"](), ns["Box"])
+        # User code keeps its annotations: a program may read them.
+        assert ns["area"].__annotations__ == {"r": float, "return": float}
+        assert [(f.name, f.type) for f in ns["fields"](ns["Hyper"])] == [("lr", float), ("steps", int)]
 
 
 def test_minify_keeps_the_code_of_real_modules():
     import ast
 
     import pgolf_pack.analyze.optimize as mod
-    from pgolf_pack.analyze.budget import _DropLiteralStatements
 
     text = open(mod.__file__).read()
-    small = minify_source(text)
-    # Same program as the original minus its docstrings: identical syntax trees.
-    want = ast.fix_missing_locations(_DropLiteralStatements().visit(ast.parse(text)))
-    assert ast.dump(ast.parse(small)) == ast.dump(want)
+    small = minify(text, keep_annotations=True)
+    # Same program as the original minus its docstrings and other bare literals.
+    strip = lambda t: [n for n in ast.walk(t) if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    got = ast.parse(small)
+    assert sum(isinstance(n, ast.AnnAssign) for n in ast.walk(got)) == sum(isinstance(n, ast.AnnAssign) for n in ast.walk(ast.parse(text)))
+    assert len([n for n in strip(got) if isinstance(n, ast.Call)]) == len([n for n in strip(ast.parse(text)) if isinstance(n, ast.Call)])
     assert len(small) < 0.8 * len(text)
+    with pytest.raises(PgolfError, match="not valid Python"):
+        minify("def f(:\n")
 
 
 def test_code_cost_counts_the_smaller_form(tmp_path):

@@ -1,101 +1,30 @@
 """The cap check: artifact bytes + the decode code that ships with it, the margin, what it buys.
 
 The decoder ``export-decoder`` generates for the artifact is counted as the file it writes. Code
-the user names is counted the way the records ship it: Python sources are minified and wrapped in a one-line
-exec wrapper around a base85 string of the compressed source (raw LZMA2 as SDC/ALL6 ship, or
-brotli as TOP computes). Each file counts the smaller of its raw bytes and its best wrapper.
-
-Our minifier is stdlib-only: it drops comments, docstrings and other bare literal statements
-(via ``ast``), re-emits the code with ``ast.unparse`` and indents one space per level. Unlike the
-records' ``pyminify`` it renames nothing and keeps asserts, so its figures are an upper bound on what
-a more aggressive minifier would give.
+the user names is counted the way the records ship it: Python sources are minified and put in a
+self-extracting exec wrapper of the compressed source (raw LZMA2, or brotli), both by the one
+minifier of :mod:`pgolf_pack.ship.minify` (annotations kept for user code). Each file counts the
+smaller of its raw bytes and its best wrapper. The minifier renames nothing and keeps asserts, so
+its figures are an upper bound on what the records' ``pyminify`` would give.
 """
 
 from __future__ import annotations
 
-import ast
-import base64
-import lzma
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import brotli
-
 from .. import CAP_BYTES
 from ..errors import PgolfError
+from ..ship.minify import minify, unwrap, wrappers
 from .size import SizeReport
 
-_LZMA_HEAD = b'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
-_LZMA_TAIL = b'"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
-_BROTLI_HEAD = b'import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("'
-_BROTLI_TAIL = b'")))\n'
-_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _LAYER_RE = re.compile(r"(?:^|\.)(?:blocks|layers|h|layer)\.(\d+)\.")
 _SIGMAS_RE = re.compile(r" [0-9.]+σ")
 
 
 # --- code bytes ------------------------------------------------------------------------------------
-
-
-class _DropLiteralStatements(ast.NodeTransformer):
-    """Remove docstrings and other bare constant expression statements; keep bodies non-empty."""
-
-    def generic_visit(self, node: ast.AST) -> ast.AST:
-        super().generic_visit(node)
-        for attr in ("body", "orelse", "finalbody"):
-            body = getattr(node, attr, None)
-            if not isinstance(body, list) or not body or not isinstance(body[0], ast.stmt):
-                continue
-            kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-            if not kept and attr == "body":
-                kept = [ast.Pass()]
-            setattr(node, attr, kept)
-        return node
-
-
-def minify_source(text: str) -> str:
-    """Semantically equal, smaller Python source (no comments/docstrings, 1-space indents)."""
-    try:
-        tree = ast.parse(text)
-    except SyntaxError as e:
-        raise PgolfError(f"cannot minify: not valid Python ({e.msg}, line {e.lineno})") from None
-    tree = ast.fix_missing_locations(_DropLiteralStatements().visit(tree))
-    out = ast.unparse(tree)
-    lines = []
-    for line in out.split("\n"):
-        n = len(line) - len(line.lstrip(" "))
-        lines.append(" " * (n // 4) + " " * (n % 4) + line[n:])
-    small = "\n".join(lines) + "\n"
-    # A multi-line string literal would have had its contents re-indented: keep the safe version.
-    try:
-        if ast.dump(ast.parse(small)) == ast.dump(ast.parse(out)):
-            return small
-    except SyntaxError:
-        pass
-    return out + "\n"
-
-
-def wrap_code(source: str, method: str) -> bytes:
-    """The self-extracting one-file form of ``source``: ``lzma`` (raw LZMA2) or ``brotli``, base85."""
-    data = source.encode()
-    if method == "lzma":
-        return _LZMA_HEAD + base64.b85encode(lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)) + _LZMA_TAIL
-    if method == "brotli":
-        return _BROTLI_HEAD + base64.b85encode(brotli.compress(data, quality=11)) + _BROTLI_TAIL
-    raise PgolfError(f"unknown code wrapper {method!r}; choose lzma or brotli")
-
-
-def unwrap_code(wrapper: bytes) -> str:
-    """Inverse of :func:`wrap_code` (used to prove a wrapper decodes to the minified source)."""
-    for head, tail, dec in (
-        (_LZMA_HEAD, _LZMA_TAIL, lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])),
-        (_BROTLI_HEAD, _BROTLI_TAIL, brotli.decompress),
-    ):
-        if wrapper.startswith(head) and wrapper.endswith(tail):
-            return dec(base64.b85decode(wrapper[len(head) : len(wrapper) - len(tail)])).decode()
-    raise PgolfError("not a pgolf-pack code wrapper")
 
 
 @dataclass
@@ -148,11 +77,10 @@ def code_cost(path: str | os.PathLike) -> CodeCost:
         text = data.decode()
     except UnicodeDecodeError:
         raise PgolfError(f"code file {path} is not UTF-8 text") from None
-    small = minify_source(text)
+    small = minify(text, keep_annotations=True)
     cost.minified_bytes = len(small.encode())
-    for method in ("lzma", "brotli"):
-        w = wrap_code(small, method)
-        if unwrap_code(w) != small:  # never count a wrapper that would not run
+    for method, w in wrappers(small).items():
+        if unwrap(w) != small:  # never count a wrapper that would not run
             raise PgolfError(f"internal error: the {method} wrapper of {path} does not decode")
         setattr(cost, f"{method}_bytes", len(w))
     return cost
