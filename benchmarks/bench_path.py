@@ -8,12 +8,14 @@ stage's seconds, the totals and the ratio ours / record; ``--json`` writes them.
 
     python benchmarks/bench_path.py                 # the bench checkpoint (../shared/bench)
     python benchmarks/bench_path.py --example       # the bundled example: proves the script runs
-    python benchmarks/bench_path.py --device cuda   # calibrate and sensitivity on the GPU
+    python benchmarks/bench_path.py --device cuda   # calibrate, sensitivity and the quantize sweeps on the GPU
     python benchmarks/bench_path.py --score         # also both artifacts' val BPB: (bytes, BPB) pairs
 
 After the path, our artifact's symbols are packed again alone with ``entropy`` and with
 ``auto-fast`` (the pack-only figures, and their ratio).
 
+Each stage's line says where it ran: ``--device`` carries calibrate, sensitivity (its forward passes) and both
+quantize stages (GPTQ / ECSQ sweeps; packing is CPU work either way); decode is always CPU.
 Run it alone on the machine: every figure is wall-clock time.
 """
 
@@ -36,6 +38,7 @@ from pgolf_pack.calib.calibrate import calibration_batches, collect_hessians  # 
 from pgolf_pack.calib.sensitivity import measure_sensitivity  # noqa: E402
 from pgolf_pack.calib.shards import load_tokens  # noqa: E402
 from pgolf_pack.checkpoint import DEFAULT_MIN_NUMEL, load_checkpoint  # noqa: E402
+from pgolf_pack.errors import PgolfError  # noqa: E402
 from pgolf_pack.pack import codecs  # noqa: E402
 from pgolf_pack.pack.packer import pack_model, unpack_model  # noqa: E402
 from pgolf_pack.quant.allocate import RDConfig  # noqa: E402
@@ -55,11 +58,12 @@ SCORING = {  # validation tokens and tokenizer, for --score only
 }
 
 
-def timed(stages: dict, name: str, fn):
+def timed(stages: dict, name: str, device: str, fn, where: dict):
     t = time.perf_counter()
     out = fn()
     stages[name] = time.perf_counter() - t
-    print(f"  {name:<22} {stages[name]:8.2f} s", flush=True)
+    where[name] = device
+    print(f"  {name:<22} {stages[name]:8.2f} s   on {device}", flush=True)
     return out
 
 
@@ -86,7 +90,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    check_device(args.device)
+    try:
+        check_device(args.device)
+    except PgolfError as e:
+        sys.exit(f"error: {e}")
     ckpt, tokens_glob = TARGETS["example" if args.example else "bench"]
     ckpt, tokens_glob = args.checkpoint or ckpt, args.tokens or tokens_glob
     if args.record_codec not in codecs.CODECS or not codecs.get(args.record_codec).available():
@@ -99,26 +106,29 @@ def main() -> None:
     shared: dict[str, float] = {}
     record: dict[str, float] = {}
     ours: dict[str, float] = {}
+    devices: dict[str, dict[str, str]] = {"shared": {}, "record": {}, "ours": {}}  # pipeline -> stage -> device
+    dev = args.device
 
     print("shared")
     loaded = build_model(sd, device=args.device)
-    H, counts = timed(shared, "calibrate", lambda: collect_hessians(
-        loaded, calibration_batches(toks, args.calib_seqs, args.seq_len)))
+    H, counts = timed(shared, "calibrate", dev, lambda: collect_hessians(
+        loaded, calibration_batches(toks, args.calib_seqs, args.seq_len)), devices["shared"])
 
     print(f"record-style (GPTQ int6 + SDClip, per-group {args.record_codec})")
-    rec = timed(record, "quantize+pack", lambda: quantize(
-        sd, RecipePlan(recipe=RECORD_RECIPE, codec=args.record_codec), hessians=H, counts=counts))
-    timed(record, "decode", lambda: decode(rec.blob))
+    rec = timed(record, "quantize+pack", dev, lambda: quantize(
+        sd, RecipePlan(recipe=RECORD_RECIPE, codec=args.record_codec), hessians=H, counts=counts, device=dev), devices["record"])
+    timed(record, "decode", "cpu", lambda: decode(rec.blob), devices["record"])
 
     budget = args.budget or rec.bytes
     print(f"ours (sensitivity, ECSQ at a {budget:,}-byte budget, entropy coder)")
     need = args.sens_seqs * args.seq_len + 1
     window = toks[(toks.size - need) // 2:][:need]  # the middle of the shard, as a contiguous window
-    sens = timed(ours, "sensitivity", lambda: measure_sensitivity(
-        loaded, H, window, counts, args.sens_seqs, args.seq_len, min_numel=DEFAULT_MIN_NUMEL, names=list(sd)))
-    mine = timed(ours, "quantize+pack (budget)", lambda: quantize(
-        sd, RDPlan(budget=budget, sensitivity=sens.tensor, config=RDConfig(method="ecsq")), hessians=H, counts=counts))
-    timed(ours, "decode", lambda: decode(mine.blob))
+    sens = timed(ours, "sensitivity", dev, lambda: measure_sensitivity(
+        loaded, H, window, counts, args.sens_seqs, args.seq_len, min_numel=DEFAULT_MIN_NUMEL, names=list(sd)), devices["ours"])
+    mine = timed(ours, "quantize+pack (budget)", dev, lambda: quantize(
+        sd, RDPlan(budget=budget, sensitivity=sens.tensor, config=RDConfig(method="ecsq")), hessians=H, counts=counts,
+        device=dev), devices["ours"])
+    timed(ours, "decode", "cpu", lambda: decode(mine.blob), devices["ours"])
 
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
@@ -126,8 +136,8 @@ def main() -> None:
         (args.save / "ours.pgp").write_bytes(mine.blob)
     print("pack only (our artifact's symbols again)")
     packs: dict[str, float] = {}
-    ent = timed(packs, "entropy", lambda: pack_model(mine.qm, codec="entropy"))
-    fast = timed(packs, "auto-fast", lambda: pack_model(mine.qm, codec="auto-fast"))
+    ent = timed(packs, "entropy", "cpu", lambda: pack_model(mine.qm, codec="entropy"), {})
+    fast = timed(packs, "auto-fast", "cpu", lambda: pack_model(mine.qm, codec="auto-fast"), {})
     print(f"  auto-fast / entropy    ×{packs['auto-fast'] / packs['entropy']:.2f} "
           f"({len(fast.blob):,} vs {len(ent.blob):,} bytes)")
     scores: dict[str, float] = {}
@@ -150,7 +160,7 @@ def main() -> None:
     print(f"  ratio ours/record: encode ×{encode_ratio:.2f}, whole path ×{our_total / rec_total:.2f}")
     if args.json:
         args.json.write_text(json.dumps({
-            "checkpoint": str(ckpt), "device": args.device, "shared": shared, "record": record, "ours": ours,
+            "checkpoint": str(ckpt), "device": args.device, "devices": devices, "shared": shared, "record": record, "ours": ours,
             "record_bytes": rec.bytes, "ours_bytes": mine.bytes, "budget": budget, "lambda": mine.lam,
             "real_packs": [{"lambda": p.lam, "bytes": p.bytes, "seconds": p.seconds} for p in mine.history],
             "totals": {"record": rec_total, "ours": our_total},

@@ -14,6 +14,12 @@ Three plans:
 and writes the artifact (and the bit-budget plan's recipe) in one place, atomically.
 Inputs a plan takes as data (recipe, sensitivity, token counts) may also be given as file paths:
 then they are read here and checked against the outputs.
+
+``device`` says where the torch sweeps run (GPTQ, ECSQ, RDOQ, trellis: Hessian factorization and
+error feedback); it is a keyword of the calls, not a plan field, because it changes where the work
+runs, not what the artifact is. Numpy-only methods (rtn, e8p, float) always run on the CPU, and a
+GPU asked for a plan that has nothing else is refused. On CUDA the float32 error feedback may
+round differently in the last bits than on the CPU, so a few codes can differ from a CPU run.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ import torch
 
 from .analyze.optimize import OptimizeDetails, default_candidates, optimize_plan, recipe_text
 from .checkpoint import DEFAULT_MIN_NUMEL, is_quantizable, load_checkpoint
+from .device import check_device, device_name
 from .errors import PgolfError
 from .fileio import atomic_write_bytes, check_outputs
 from .pack.packer import _check_codec, pack_model, unpack_model
-from .pipeline import NEEDS_HESSIAN, LqerOptions, PackReport, quantize_tensors, report
+from .pipeline import DEVICE_METHODS, NEEDS_HESSIAN, LqerOptions, PackReport, quantize_tensors, report
 from .quant.allocate import METHODS as RD_METHODS
 from .quant.allocate import RDConfig, load_sensitivity, prepare_model, quantize_model_rd
 from .quant.base import QuantizedModel
@@ -178,8 +185,34 @@ def _has_row_bits(recipe: Recipe) -> bool:
     return any(spec.get("row_bits") for spec in (recipe.default, *recipe.rules))
 
 
-def check_plan(plan: Plan, have_hessians: bool) -> _Inputs:
-    """Refuse a plan that cannot run or whose options would be ignored; read its input files."""
+def _plan_methods(plan: Plan, inputs: _Inputs) -> list[str]:
+    """The methods a plan may run, in order of first mention (a rule without one keeps the default's)."""
+    if isinstance(plan, RDPlan):
+        return [plan.method]
+    if isinstance(plan, RecipePlan):
+        rec = inputs.recipe
+        found = [rec.default.get("method", "rtn")] + [r["method"] for r in rec.rules if "method" in r]
+    else:
+        found = [c.get("method", "rtn") for c in plan.candidates]
+    return list(dict.fromkeys(found))
+
+
+def _check_device(plan: Plan, inputs: _Inputs, device) -> None:
+    """Spelling first, then whether the plan has a sweep for it, then whether the machine has it:
+    so a GPU asked of a numpy-only plan says why on any machine."""
+    d = device_name(device)
+    if d != "cpu" and not isinstance(plan, RDPlan):
+        methods = _plan_methods(plan, inputs)
+        if not any(m in DEVICE_METHODS for m in methods):
+            what = f"method {methods[0]} runs" if len(methods) == 1 else f"methods {', '.join(methods)} run"
+            raise PgolfError(f"--device {d} does not apply: {what} in numpy on the CPU (a device serves the "
+                             f"sweeps of {', '.join(DEVICE_METHODS)} and rdoq)")
+    check_device(d)
+
+
+def check_plan(plan: Plan, have_hessians: bool, device="cpu") -> _Inputs:
+    """Refuse a plan that cannot run, whose options would be ignored, or that asks for a device it
+    cannot use or this machine lacks; read its input files."""
     inputs = _Inputs()
     if not isinstance(plan, (RecipePlan, BitBudgetPlan, RDPlan)):
         raise PgolfError(f"not a quantize plan: {type(plan).__name__}")
@@ -221,6 +254,7 @@ def check_plan(plan: Plan, have_hessians: bool) -> _Inputs:
         if plan.budget is not None:
             _check_budget(plan.budget)
         inputs.sensitivity = _sensitivity(plan.sensitivity, inputs)
+    _check_device(plan, inputs, device)
     return inputs
 
 
@@ -249,7 +283,7 @@ def _stage(progress: OnProgress | None, stage: str, total: int | None) -> Callab
 
 
 def _run(tensors: Mapping[str, torch.Tensor], plan: Plan, inputs: _Inputs, hessians, counts,
-         progress: OnProgress | None, warn: Callable[[str], None] | None) -> QuantizeResult:
+         progress: OnProgress | None, warn: Callable[[str], None] | None, device: str = "cpu") -> QuantizeResult:
     warnings: list[str] = []
 
     def say(msg: str) -> None:
@@ -259,7 +293,7 @@ def _run(tensors: Mapping[str, torch.Tensor], plan: Plan, inputs: _Inputs, hessi
 
     if isinstance(plan, RecipePlan):
         step = _stage(progress, "quantize", len(tensors))
-        qm = quantize_tensors(tensors, inputs.recipe, hessians, step, plan.lqer, inputs.token_freq)
+        qm = quantize_tensors(tensors, inputs.recipe, hessians, step, plan.lqer, inputs.token_freq, device=device)
         res = pack_model(qm, codec=plan.codec, grouping=plan.grouping)
         return QuantizeResult(plan, report(res.blob, res.manifest, qm, tensors), res.blob, res.manifest, qm)
 
@@ -270,13 +304,13 @@ def _run(tensors: Mapping[str, torch.Tensor], plan: Plan, inputs: _Inputs, hessi
         step = _stage(progress, "optimize", None)
         rec, det = optimize_plan(tensors, plan.budget, hessians, list(plan.candidates), plan.codec,
                                  hessian_counts=counts, base=Recipe(min_numel=plan.min_numel, passthrough=plan.passthrough),
-                                 grouping=plan.grouping, sensitivity=inputs.sensitivity, on_step=step)
+                                 grouping=plan.grouping, sensitivity=inputs.sensitivity, on_step=step, device=device)
         # The report needs the quantized tensors; the verified artifact is all the optimizer returns.
         qm, manifest = unpack_model(det.blob)
         return QuantizeResult(plan, report(det.blob, manifest, qm, tensors), det.blob, manifest, qm,
                               optimizer=det, recipe=rec, warnings=warnings)
 
-    mp = prepare_model(tensors, hessians, plan.config, counts, inputs.sensitivity)
+    mp = prepare_model(tensors, hessians, plan.config, counts, inputs.sensitivity, device=device)
     for msg in _unmatched(inputs.sensitivity, [t.name for t in mp.tensors]):
         say(msg)
     if plan.budget is not None:
@@ -303,14 +337,16 @@ def quantize(
     counts: Mapping[str, int] | None = None,
     progress: OnProgress | None = None,
     warn: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> QuantizeResult:
     """Quantize and pack ``tensors`` (a state dict) as ``plan`` says; the artifact is ``result.blob``.
 
     ``hessians``/``counts``: Hessians and their sample counts (``calib.hessian.load_hessians``);
-    ``progress`` receives :class:`Progress` events, ``warn`` each warning (also in ``result.warnings``).
+    ``progress`` receives :class:`Progress` events, ``warn`` each warning (also in ``result.warnings``);
+    ``device`` ("cpu", "cuda", "cuda:N"): where the torch sweeps run (see the module docstring).
     """
-    inputs = check_plan(plan, hessians is not None)
-    return _run(tensors, plan, inputs, hessians, counts, progress, warn)
+    inputs = check_plan(plan, hessians is not None, device)
+    return _run(tensors, plan, inputs, hessians, counts, progress, warn, device)
 
 
 def quantize_file(
@@ -321,18 +357,19 @@ def quantize_file(
     counts: Mapping[str, int] | None = None,
     progress: OnProgress | None = None,
     warn: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> QuantizeResult:
     """Quantize the checkpoint at ``checkpoint`` as ``plan`` says and write the artifact to ``output``.
 
     ``hessians`` is a Hessian file (``pgolf-pack calibrate``; its counts are read with it) or the
     Hessians themselves (then ``counts`` as in :func:`quantize`). Everything is checked before
-    any work: the plan, that no output overwrites an input, that output directories exist. A
+    any work: the plan and ``device``, that no output overwrites an input, that output directories exist. A
     :class:`BitBudgetPlan` also writes the recipe it chose (``plan.recipe_out``, by default
     OUTPUT.recipe.toml), which reproduces the artifact through a :class:`RecipePlan`.
     """
     checkpoint, output = Path(checkpoint), Path(output)
     h_path = None if hessians is None or isinstance(hessians, Mapping) else Path(hessians)
-    inputs = check_plan(plan, hessians is not None)
+    inputs = check_plan(plan, hessians is not None, device)
     sources = [checkpoint, h_path, *inputs.paths]
     recipe_path = None
     if isinstance(plan, BitBudgetPlan):
@@ -343,7 +380,7 @@ def quantize_file(
         from .calib.hessian import load_hessians
 
         hessians, counts = load_hessians(h_path)
-    result = _run(tensors, plan, inputs, hessians, counts, progress, warn)
+    result = _run(tensors, plan, inputs, hessians, counts, progress, warn, device)
     text = None
     if recipe_path is not None:
         text = recipe_text(result.recipe, f"pgolf-pack quantize --budget {plan.budget}: {result.bytes} bytes", recipe_path)

@@ -20,6 +20,9 @@ from .recipe import Recipe, plan
 
 MethodFn = Callable[[str, torch.Tensor, dict, "np.ndarray | None"], QuantizedTensor]
 _METHODS: dict[str, MethodFn] = {}
+# Methods with a torch sweep that can run on a GPU; they take a ``device`` keyword. The others
+# (rtn, e8p, float, fp16) are numpy work and always run on the CPU.
+DEVICE_METHODS = ("gptq", "ecsq", "trellis")
 
 
 def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
@@ -153,11 +156,14 @@ def quantize_tensors(
     on_tensor: Callable[[str], None] | None = None,
     lqer: LqerOptions | None = None,
     token_freq: np.ndarray | None = None,
+    device: "str | torch.device | None" = None,
 ) -> QuantizedModel:
     """Quantize every tensor as the recipe says. Tensors keep checkpoint order.
 
     ``lqer`` adds low-rank error correction to the most damaged tensors afterwards (recipe rules
     with ``lqer_rank`` request it per tensor); ``token_freq`` ranks embedding rows for ``row_bits``.
+    ``device``: where the sweeps of :data:`DEVICE_METHODS` run (the CPU by default); per-row
+    tiers, E8P fallbacks and LQER stay on the CPU.
     """
     check_finite(tensors)
     specs = plan(tensors, recipe)
@@ -185,6 +191,8 @@ def quantize_tensors(
             qt = quantize_mixed_rows(name, w, dtype_name(t.dtype), spec["row_bits"], _row_ranking(name, w, spec, token_freq),
                                      spec.get("clip", "sdclip"), spec.get("sigmas"),
                                      H if spec["method"] == "gptq" else None)
+        elif device is not None and spec["method"] in DEVICE_METHODS:
+            qt = _method(spec["method"])(name, t, spec, H, device=device)
         else:
             qt = _method(spec["method"])(name, t, spec, H)
         if "group" in spec:

@@ -384,8 +384,10 @@ def measure_candidates(
     workers: int = 2,
     on_step: Callable[[str], None] | None = None,
     sensitivity: Mapping[str, float] | None = None,
+    device=None,
 ) -> Measurements:
-    """Quantize the model with every candidate, pack it with the real packer, score the error."""
+    """Quantize the model with every candidate, pack it with the real packer, score the error.
+    ``device``: where the candidates' sweeps run (gptq; the CPU by default)."""
     say = on_step or (lambda _msg: None)
     check_finite(tensors)
     base = base or Recipe()
@@ -418,7 +420,8 @@ def measure_candidates(
         say(f"candidate {labels[ci]}: quantize {len(subset)} tensors")
         rec = recipe_from_dict({"min_numel": base.min_numel, "passthrough": base.passthrough,
                                 "default": {k: v for k, v in spec.items() if k != "match"}}, labels[ci])
-        qm = quantize_tensors(subset, rec, {k: v for k, v in (hessians or {}).items() if k in subset} or None)
+        qm = quantize_tensors(subset, rec, {k: v for k, v in (hessians or {}).items() if k in subset} or None,
+                              device=device)
         say(f"candidate {labels[ci]}: pack ({measure_codec})")
         measured, head = _measure(QuantizedModel(qm.tensors + passthrough), measure_codec, grouping, workers)
         headers.append(head)
@@ -541,6 +544,7 @@ def optimize_plan(
     workers: int = 2,
     on_step: Callable[[str], None] | None = None,
     sensitivity: Mapping[str, float] | None = None,
+    device=None,
 ) -> tuple[Recipe, OptimizeDetails]:
     """Pick a candidate per quantizable tensor, least predicted loss with real bytes ≤ budget.
 
@@ -556,5 +560,6 @@ def optimize_plan(
     if measure_codec is None:
         measure_codec = "entropy" if codec in ("auto", "auto-fast") else codec
     m = measure_candidates(tensors, hessians, candidates, measure_codec, hessian_counts=hessian_counts, base=base,
-                           grouping=grouping, workers=workers, on_step=on_step, sensitivity=sensitivity)
+                           grouping=grouping, workers=workers, on_step=on_step, sensitivity=sensitivity,
+                           device=device)
     return plan_for_budget(m, budget_bytes, codec, max_packs, on_step)

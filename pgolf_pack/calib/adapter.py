@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..device import check_device  # noqa: F401 (commands import it from here)
 from ..errors import PgolfError
 
 # Names a Parameter Golf script gives its hyperparameters object when a constructor takes it whole.
@@ -97,14 +98,6 @@ class LoadedModel:
 
 def _jsonable(v):
     return v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
-
-
-def check_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PgolfError("--device cuda requested but no CUDA device is available")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise PgolfError(f"--device must be cpu or cuda[:N], got {device!r}")
-    return device
 
 
 def _names(names: list[str], limit: int = 4) -> str:

@@ -27,10 +27,11 @@ from .render import StageProgress, render_quantize, warn
 
 # Options that only some paths read. Each path lists what it reads; any other given option is
 # refused with one line saying why, so no option is ever silently ignored.
+# --device is read by every path; the API refuses a GPU for a plan with no torch sweep to run there.
 _RD_READS = {"--method", "--codec", "--group-by", "--hessians", "--min-numel", "--fp16-passthrough", "--budget", "--lam",
-             "--sensitivity"}
+             "--sensitivity", "--device"}
 _BUDGET_READS = {"--method", "--clip", "--codec", "--group-by", "--hessians", "--min-numel", "--fp16-passthrough",
-                 "--budget", "--save-recipe", "--sensitivity"}
+                 "--budget", "--save-recipe", "--sensitivity", "--device"}
 _LQER_DETAIL = ("--lqer-rank", "--lqer-bits", "--lqer-group", "--lqer-weighted")
 _SCHEME_FLAGS = ("--method", "--bits", "--embed-bits", "--clip", "--sigmas", "--embed-sigmas", "--min-numel",
                  "--fp16-passthrough")
@@ -137,6 +138,8 @@ def quantize(
                                                             "sets every matrix's step (larger = smaller artifact)"),
     sensitivity: Optional[Path] = typer.Option(None, help="JSON of tensor name or glob -> loss sensitivity multiplier "
                                                           "(`pgolf-pack sensitivity`), for ecsq/rdoq/trellis or --budget"),
+    device: Optional[str] = typer.Option(None, help="cpu (default) | cuda[:N]: where the GPTQ/ECSQ/RDOQ/trellis sweeps run "
+                                                    "(rtn, e8p and float are numpy work and refuse a GPU)"),
     json_out: bool = JsonOpt,
 ) -> None:
     """Quantize a checkpoint and pack it into one artifact; prints the per-tensor size table."""
@@ -148,7 +151,7 @@ def quantize(
              "--lqer-bits": lqer_bits is not None, "--lqer-group": lqer_group is not None,
              "--lqer-weighted": lqer_weighted is not None, "--row-bits": row_bits is not None,
              "--tokens": tokens is not None, "--budget": budget is not None, "--save-recipe": save_recipe_to is not None,
-             "--lam": lam is not None, "--sensitivity": sensitivity is not None}
+             "--lam": lam is not None, "--sensitivity": sensitivity is not None, "--device": device is not None}
     method, clip = method or "rtn", clip or "sdclip"
     check_values(method, clip, sigmas, embed_sigmas, min_numel)
     refuse_ignored(method, given, clip, recipe is not None, budget is not None, lqer_top_k)
@@ -177,7 +180,7 @@ def quantize(
                            64 if lqer_group is None else lqer_group, False if weighted == "none" else weighted)
         plan = RecipePlan(recipe=rec, lqer=lqer, token_freq=tokens, codec=codec or "auto", grouping=group_by)
     with StageProgress(not json_out) as prog:
-        res = quantize_file(checkpoint, output, plan, hessians=hessians, progress=prog, warn=warn)
+        res = quantize_file(checkpoint, output, plan, hessians=hessians, progress=prog, warn=warn, device=device or "cpu")
     if json_out:
         print_json(res.to_dict())
     else:

@@ -19,6 +19,10 @@ and RDOQ prices bits with the same λ, so one number steers every choice.
 
 Meeting a byte budget needs the packer, which sits above quant/: the λ search and the byte
 predictor live in :mod:`pgolf_pack.rd_search`; this module only supplies its starting point.
+
+``prepare_model(device=...)`` factorizes every Hessian on that device and keeps the factors
+there, and every quantization of the :class:`ModelPrep` (each λ probe) sweeps there too; codes
+come back to numpy for the packer.
 """
 
 from __future__ import annotations
@@ -126,6 +130,9 @@ class ModelPrep:
     passthrough: dict[str, QuantizedTensor]  # float tensors, already stored
     order: list[str]  # checkpoint order
     cfg: RDConfig
+    # Where the sweeps run. Not part of cfg: cfg goes into the artifact, and where the work ran
+    # is not a property of the artifact.
+    device: torch.device = torch.device("cpu")
 
     def info(self, name: str) -> TensorInfo:
         for t in self.tensors:
@@ -179,9 +186,12 @@ def prepare_model(
     cfg: RDConfig,
     counts: Mapping[str, int] | None = None,
     sensitivity: Mapping[str, float] | None = None,
+    device: "str | torch.device | None" = None,
 ) -> ModelPrep:
-    """Factorise each Hessian once and store the float tensors. Without Hessians the matrices are
-    rounded without GPTQ feedback and without column multipliers (``col_beta`` is ignored)."""
+    """Factorise each Hessian once (on ``device``, the CPU by default) and store the float tensors.
+    Without Hessians the matrices are rounded without GPTQ feedback and without column
+    multipliers (``col_beta`` is ignored)."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
     check_finite(tensors)
     infos, passthrough = [], {}
     for name, t in tensors.items():
@@ -195,10 +205,10 @@ def prepare_model(
                 raise PgolfError(f"the Hessian file has no entry for {name}")
             n = max(int((counts or {}).get(name, 1)), 1)
             h = check_hessian(name, hessians[name], w.shape[1]).astype(np.float64) / n
-            prep = prepare_hessian(h, cfg.damp, cfg.act_order, name)
+            prep = prepare_hessian(h, cfg.damp, cfg.act_order, name, dev)
         k = slope_constant(w, prep, cfg.row_mode, cfg.col_beta if prep is not None else 0.0)
         infos.append(TensorInfo(name, w, dtype_name(t.dtype), prep, h, sensitivity_of(name, sensitivity), k))
-    return ModelPrep(infos, passthrough, list(tensors), cfg)
+    return ModelPrep(infos, passthrough, list(tensors), cfg, dev)
 
 
 def step_for(info: TensorInfo, lam: float, alloc: str = "slope") -> float:
@@ -215,8 +225,10 @@ def allocate_steps(mp: ModelPrep, lam: float) -> dict[str, float]:
     return {t.name: step_for(t, lam, mp.cfg.alloc) for t in mp.tensors}
 
 
-def quantize_matrix(info: TensorInfo, delta: float, lam: float, cfg: RDConfig) -> QuantizedTensor:
-    """One matrix with the configured method at step multiple ``delta`` and slope ``lam``."""
+def quantize_matrix(info: TensorInfo, delta: float, lam: float, cfg: RDConfig,
+                    device: "str | torch.device | None" = None) -> QuantizedTensor:
+    """One matrix with the configured method at step multiple ``delta`` and slope ``lam``, swept on
+    ``device`` (default: where its prepared Hessian lives, else the CPU)."""
     prep = info.prep
     beta = cfg.col_beta if prep is not None else 0.0
     if cfg.alloc == "slope":
@@ -230,14 +242,15 @@ def quantize_matrix(info: TensorInfo, delta: float, lam: float, cfg: RDConfig) -
 
         return quantize_trellis(info.name, info.w, info.dtype, delta, lam_t, prep, cfg.row_mode, beta,
                                 states=cfg.trellis_states, iters=cfg.iters, coding=cfg.trellis_coding,
-                                block_size=cfg.block_size)
+                                block_size=cfg.block_size, device=device)
     grid = info.grid(delta, cfg)
     params: dict = {"gptq": prep is not None, "lambda": float(lam)}
     if cfg.method == "rdoq":
-        q, _ = rdoq_codes(info.w, grid, prep, lam_t, cfg.iters, cfg.rate_model, cfg.block_size, name=info.name)
+        q, _ = rdoq_codes(info.w, grid, prep, lam_t, cfg.iters, cfg.rate_model, cfg.block_size, name=info.name,
+                          device=device)
         params["rdoq"] = {"lambda": float(lam_t), "iters": int(cfg.iters), "model": cfg.rate_model}
     else:
-        q = ecsq_codes(info.w, grid, prep, block_size=cfg.block_size, name=info.name)
+        q = ecsq_codes(info.w, grid, prep, block_size=cfg.block_size, name=info.name, device=device)
     return make_ecsq_tensor(info.name, info.w.shape, info.dtype, q, grid, params)
 
 
@@ -247,7 +260,7 @@ def quantize_model_rd(mp: ModelPrep, lam: float, steps: Mapping[str, float] | No
     steps = dict(steps) if steps is not None else allocate_steps(mp, lam)
     done: dict[str, QuantizedTensor] = dict(mp.passthrough)
     for info in mp.tensors:
-        done[info.name] = quantize_matrix(info, steps[info.name], lam, mp.cfg)
+        done[info.name] = quantize_matrix(info, steps[info.name], lam, mp.cfg, mp.device)
         if on_tensor:
             on_tensor(info.name)
     meta = {"pgolf_pack": __version__, "rd": {"lambda": float(lam), **mp.cfg.to_dict()}}
@@ -274,7 +287,7 @@ def _rtn_bits(mp: ModelPrep, lam: float) -> float:
     """Order-0 entropy (bits) of round-to-nearest codes at slope λ: a cheap size probe."""
     bits = 0.0
     for info, (name, delta) in zip(mp.tensors, allocate_steps(mp, lam).items()):
-        q = ecsq_codes(info.w, info.grid(delta, mp.cfg), None)
+        q = ecsq_codes(info.w, info.grid(delta, mp.cfg), None, device=mp.device)
         _, c = np.unique(q, return_counts=True)
         bits += float(-(c * np.log2(c / c.sum())).sum())
     return bits

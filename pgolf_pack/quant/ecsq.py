@@ -27,7 +27,16 @@ import torch
 
 from ..errors import PgolfError
 from .base import QuantizedTensor, Stream, register_check, register_scheme
-from .gptq import PreparedHessian, RoundFn, check_hessian, check_weight, gptq_sweep_range, prepare_hessian, round_nearest
+from .gptq import (
+    PreparedHessian,
+    RoundFn,
+    check_hessian,
+    check_weight,
+    gptq_sweep_range,
+    prepare_hessian,
+    round_nearest,
+    sweep_device,
+)
 from .rtn import to_fp16_scale
 from .spec import Check
 
@@ -75,7 +84,7 @@ def row_base(w: np.ndarray, row_mode: str = "std") -> np.ndarray:
 
 def column_weights(prep: PreparedHessian) -> np.ndarray:
     """GPTQ's per-column error weight 1/[U]_jj² in original column order (0 for dead columns)."""
-    d = torch.diagonal(prep.u).numpy().astype(np.float64)
+    d = torch.diagonal(prep.u).cpu().numpy().astype(np.float64)
     ew = np.empty_like(d)
     ew[prep.perm.numpy()] = 1.0 / (d * d)
     ew[prep.dead] = 0.0
@@ -121,21 +130,23 @@ def symbol_dtype(lo: int, hi: int) -> np.dtype:
 
 
 def ecsq_codes(w: np.ndarray, grid: EcsqGrid, prep: PreparedHessian | None = None, round_fn: RoundFn = round_nearest,
-               block_size: int = 128, name: str = "weight") -> np.ndarray:
+               block_size: int = 128, name: str = "weight", device: "str | torch.device | None" = None) -> np.ndarray:
     """int32 codes on ``grid``: the GPTQ sweep with ``round_fn`` when ``prep`` is given, else the
-    same ``round_fn`` applied column by column with no error feedback (unit error weight)."""
+    same ``round_fn`` applied column by column with no error feedback (unit error weight).
+    ``device``: where the torch work runs (default: where ``prep`` lives, else the CPU)."""
     w = check_weight(name, w)
     if prep is not None:
         return gptq_sweep_range(w, prep, grid.scale, CODE_MAX, block_size=block_size, round_fn=round_fn, name=name,
-                                col_mult=grid.col_mult)
-    s = torch.from_numpy(grid.scale.astype(np.float32))
-    wt = torch.from_numpy(np.ascontiguousarray(w.T))
+                                col_mult=grid.col_mult, device=device)
+    dev = sweep_device(device)
+    s = torch.from_numpy(grid.scale.astype(np.float32)).to(dev)
+    wt = torch.from_numpy(np.ascontiguousarray(w.T)).to(dev)
     mult = grid.col_mult
     q = torch.empty_like(wt)
     for j in range(w.shape[1]):
         sj = s if mult is None else s * float(mult[j])
         q[j] = round_fn(wt[j], sj, qmax=CODE_MAX, col=j, err_weight=1.0)
-    return np.ascontiguousarray(q.round().to(torch.int32).numpy().T)
+    return np.ascontiguousarray(q.round().to(torch.int32).cpu().numpy().T)
 
 
 def make_ecsq_tensor(name: str, shape, dtype: str, q: np.ndarray, grid: EcsqGrid, params: dict) -> QuantizedTensor:
@@ -163,12 +174,13 @@ def quantize_ecsq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    device: "str | torch.device | None" = None,
 ) -> QuantizedTensor:
-    """ECSQ one matrix with round-to-nearest (GPTQ sweep when ``H`` is given)."""
+    """ECSQ one matrix with round-to-nearest (GPTQ sweep when ``H`` is given), on ``device``."""
     w = check_weight(name, w)
-    prep = as_prepared(name, w, H, damp, act_order)
+    prep = as_prepared(name, w, H, damp, act_order, device)
     grid = make_grid(w, delta, prep, row_mode, col_beta)
-    q = ecsq_codes(w, grid, prep, block_size=block_size, name=name)
+    q = ecsq_codes(w, grid, prep, block_size=block_size, name=name, device=device)
     params = {"gptq": prep is not None}
     if prep is not None:
         params.update(block_size=int(block_size), damp=float(prep.damp), act_order=bool(prep.act_order))
@@ -176,12 +188,12 @@ def quantize_ecsq(
 
 
 def as_prepared(name: str, w: np.ndarray, H: np.ndarray | PreparedHessian | None, damp: float = 0.01,
-                act_order: bool = True) -> PreparedHessian | None:
+                act_order: bool = True, device: "str | torch.device | None" = None) -> PreparedHessian | None:
     if H is None or isinstance(H, PreparedHessian):
         if H is not None and H.cols != w.shape[1]:
             raise PgolfError(f"Hessian for {name} is {H.cols}×{H.cols}, expected {w.shape[1]}×{w.shape[1]}")
         return H
-    return prepare_hessian(check_hessian(name, H, w.shape[1]), damp, act_order, name)
+    return prepare_hessian(check_hessian(name, H, w.shape[1]), damp, act_order, name, device)
 
 
 def entry_steps(scale: np.ndarray, col_exp: np.ndarray | None) -> np.ndarray:

@@ -12,6 +12,12 @@ a dead column (diag 0: its input is always zero) gets H_ii = 1 and weight 0.
 
 The per-column rounding is a swappable :class:`RoundFn` so other quantizers (rate-aware rounding)
 can reuse the sweep.
+
+Device: the factorization and the sweep run where ``device`` says (``prepare_hessian`` keeps the
+factor there, and a sweep without an explicit device follows its :class:`PreparedHessian`); only
+the finished codes come back to numpy. On CPU the results are the same bits as ever; on CUDA the
+float32 matmuls of the error feedback may round differently in the last bits, so a few codes at a
+rounding boundary can differ from a CPU run.
 """
 
 from __future__ import annotations
@@ -57,6 +63,18 @@ def _one_thread() -> Iterator[None]:
                 torch.set_num_threads(_threads_saved)
 
 
+def _threads_for(device: torch.device):
+    """Single-threaded torch is a CPU concern; a CUDA sweep leaves the host setting alone."""
+    return _one_thread() if device.type == "cpu" else contextlib.nullcontext()
+
+
+def sweep_device(device: "str | torch.device | None", prep: "PreparedHessian | None" = None) -> torch.device:
+    """Where a sweep runs: ``device`` when given, else where ``prep``'s factor lives, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return prep.u.device if prep is not None else torch.device("cpu")
+
+
 class RoundFn(Protocol):
     def __call__(self, x: torch.Tensor, scale: torch.Tensor, *, qmax: int, col: int, err_weight: float) -> torch.Tensor:
         """Integer codes (as floats) for one error-compensated column ``x`` (rows,).
@@ -87,6 +105,10 @@ class PreparedHessian:
     def cols(self) -> int:
         return int(self.u.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        return self.u.device
+
 
 def check_weight(name: str, w: np.ndarray) -> np.ndarray:
     w = np.asarray(w, dtype=np.float32)
@@ -106,8 +128,10 @@ def check_hessian(name: str, h: np.ndarray, cols: int) -> np.ndarray:
     return h
 
 
-def prepare_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = True, name: str = "weight") -> PreparedHessian:
-    """Dampen, permute and factorize H; raises PgolfError when no damping up to MAX_DAMP works."""
+def prepare_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = True, name: str = "weight",
+                    device: "str | torch.device | None" = None) -> PreparedHessian:
+    """Dampen, permute and factorize H (on ``device``, the CPU by default; the factor stays there);
+    raises PgolfError when no damping up to MAX_DAMP works."""
     if damp < 0:
         raise PgolfError(f"damp must be >= 0, got {damp}")
     h = np.asarray(h)
@@ -128,11 +152,12 @@ def prepare_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = True, n
     perm = np.argsort(-np.diagonal(hs), kind="stable") if act_order else np.arange(n)
     if act_order:
         hs = hs[np.ix_(perm, perm)]
-    ht = torch.from_numpy(np.ascontiguousarray(hs))
+    dev = sweep_device(device)
+    ht = torch.from_numpy(np.ascontiguousarray(hs)).to(dev)
     mean_diag = float(np.diagonal(hs).mean())
     d = damp if damp > 0 else 0.0
     applied = 0.0
-    with _one_thread():
+    with _threads_for(dev):
         while True:
             ht.diagonal().add_((d - applied) * mean_diag)
             applied = d
@@ -167,16 +192,19 @@ def gptq_sweep(
     round_fn: RoundFn = round_nearest,
     name: str = "weight",
     sweep_dtype: torch.dtype = torch.float32,
+    device: "str | torch.device | None" = None,
 ) -> np.ndarray:
     """GPTQ symbols (int8, original column order) for ``w`` with fixed per-row ``scales``.
 
     ``h`` is H (cols × cols) or a :class:`PreparedHessian` (``damp``/``act_order`` then unused).
+    ``device``: where the sweep runs (default: where a prepared Hessian lives, else the CPU).
     """
     w = check_weight(name, w)
     if block_size < 1:
         raise PgolfError(f"block_size must be >= 1, got {block_size}")
     rows, cols = w.shape
-    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(check_hessian(name, h, cols), damp, act_order, name)
+    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(check_hessian(name, h, cols), damp, act_order, name,
+                                                                     device)
     if prep.cols != cols:
         raise PgolfError(f"Hessian for {name} is {prep.cols}×{prep.cols}, expected {cols}×{cols}")
     r = qmax(bits)
@@ -184,31 +212,36 @@ def gptq_sweep(
     if s.shape[0] != rows:
         raise PgolfError(f"{name}: {s.shape[0]} scales for {rows} rows")
 
-    with _one_thread():
-        q = _sweep(w, prep, s, r, block_size, round_fn, sweep_dtype)
+    dev = sweep_device(device, prep)
+    with _threads_for(dev):
+        q = _sweep(w, prep, s, r, block_size, round_fn, sweep_dtype, device=dev)
     return q
 
 
 def _sweep(w, prep: PreparedHessian, s: torch.Tensor, r: int, block_size: int, round_fn: RoundFn, sweep_dtype,
-           out_dtype: torch.dtype = torch.int8, col_mult: np.ndarray | None = None) -> np.ndarray:
+           out_dtype: torch.dtype = torch.int8, col_mult: np.ndarray | None = None,
+           device: torch.device | None = None) -> np.ndarray:
     rows, cols = w.shape
+    dev = sweep_device(device, prep)
     # Optional per-column step multipliers (original column order): column j uses step s * col_mult[j].
     mult = None if col_mult is None else np.asarray(col_mult, dtype=np.float64)[prep.perm.numpy()].tolist()
     # Columns are swept as contiguous rows of the transposed weight.
-    perm = prep.perm
-    wt = torch.from_numpy(np.array(w.T, order="C"))[perm].to(sweep_dtype).contiguous()
-    dead_sweep = prep.dead[perm.numpy()]
+    perm = prep.perm.to(dev)
+    wt = torch.from_numpy(np.array(w.T, order="C")).to(dev)[perm].to(sweep_dtype).contiguous()
+    dead_sweep = prep.dead[prep.perm.numpy()]
     if dead_sweep.any():
-        wt[torch.from_numpy(np.flatnonzero(dead_sweep))] = 0
-    u = prep.u.to(sweep_dtype)
+        wt[torch.from_numpy(np.flatnonzero(dead_sweep)).to(dev)] = 0
+    u = prep.u.to(device=dev, dtype=sweep_dtype)
+    s = s.to(dev)
+    # Python floats and ints for the per-column loop: one transfer here instead of one per column.
     udiag = torch.diagonal(prep.u).tolist()
-    perm_list = perm.tolist()
-    q = torch.empty((cols, rows), dtype=sweep_dtype)
+    perm_list = prep.perm.tolist()
+    q = torch.empty((cols, rows), dtype=sweep_dtype, device=dev)
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         blk = wt[i1:i2]  # a view: updates land in wt directly
-        err = torch.empty((i2 - i1, rows), dtype=sweep_dtype)
+        err = torch.empty((i2 - i1, rows), dtype=sweep_dtype, device=dev)
         u_blk = u[i1:i2, i1:i2]
         for k in range(i2 - i1):
             j = i1 + k
@@ -229,7 +262,7 @@ def _sweep(w, prep: PreparedHessian, s: torch.Tensor, r: int, block_size: int, r
         raise ValueError(f"round_fn returned codes outside [-{r}, {r}]")
     out = torch.empty_like(q)
     out[perm] = q
-    return np.ascontiguousarray(out.round().to(out_dtype).numpy().T)
+    return np.ascontiguousarray(out.round().to(out_dtype).cpu().numpy().T)
 
 
 def gptq_sweep_range(
@@ -244,6 +277,7 @@ def gptq_sweep_range(
     name: str = "weight",
     sweep_dtype: torch.dtype = torch.float32,
     col_mult: np.ndarray | None = None,
+    device: "str | torch.device | None" = None,
 ) -> np.ndarray:
     """Like :func:`gptq_sweep` but with codes in ``[-code_max, code_max]`` (int32, no int-k grid)
     and optional per-column step multipliers: entry (i, j) of the result stands for
@@ -254,7 +288,8 @@ def gptq_sweep_range(
     if not 1 <= int(code_max) < 2**31:
         raise PgolfError(f"code_max must be in 1..2^31-1, got {code_max}")
     rows, cols = w.shape
-    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(check_hessian(name, h, cols), damp, act_order, name)
+    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(check_hessian(name, h, cols), damp, act_order, name,
+                                                                     device)
     if prep.cols != cols:
         raise PgolfError(f"Hessian for {name} is {prep.cols}×{prep.cols}, expected {cols}×{cols}")
     s = torch.from_numpy(np.asarray(scales, dtype=np.float32).reshape(-1).copy()).to(sweep_dtype)
@@ -262,8 +297,9 @@ def gptq_sweep_range(
         raise PgolfError(f"{name}: {s.shape[0]} scales for {rows} rows")
     if col_mult is not None and np.asarray(col_mult).shape != (cols,):
         raise PgolfError(f"{name}: {np.asarray(col_mult).shape} column multipliers for {cols} columns")
-    with _one_thread():
-        return _sweep(w, prep, s, int(code_max), block_size, round_fn, sweep_dtype, torch.int32, col_mult)
+    dev = sweep_device(device, prep)
+    with _threads_for(dev):
+        return _sweep(w, prep, s, int(code_max), block_size, round_fn, sweep_dtype, torch.int32, col_mult, dev)
 
 
 def hessian_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
@@ -283,6 +319,7 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    device: "str | torch.device | None" = None,
 ) -> QuantizedTensor:
     """GPTQ-quantize one matrix to per-row int-k (scheme "intk", method "gptq").
 
@@ -296,8 +333,8 @@ def gptq_quantize(
             raise PgolfError(f"Hessian for {name} is {prep.cols}×{prep.cols}, expected {w.shape[1]}×{w.shape[1]}")
         act_order = prep.act_order
     else:
-        prep = prepare_hessian(check_hessian(name, H, w.shape[1]), damp, act_order, name)
+        prep = prepare_hessian(check_hessian(name, H, w.shape[1]), damp, act_order, name, device)
     scale, info = choose_scales(w, bits, clip, sigmas, prep.diag)
-    q = gptq_sweep(w, prep, scale, bits, block_size=block_size, name=name)
+    q = gptq_sweep(w, prep, scale, bits, block_size=block_size, name=name, device=device)
     params = {"method": "gptq", **info, "block_size": int(block_size), "damp": float(prep.damp), "act_order": bool(act_order)}
     return make_intk_tensor(name, w.shape, dtype, q, scale, bits, params)

@@ -28,7 +28,7 @@ from ..errors import PgolfError
 from ..coding.entropy import fit_models
 from .base import QuantizedTensor
 from .ecsq import EcsqGrid, as_prepared, ecsq_codes, make_ecsq_tensor, make_grid
-from .gptq import PreparedHessian, check_weight
+from .gptq import PreparedHessian, check_weight, sweep_device
 
 # Codes this far beyond the fitted range still get a finite price (escape-like growth).
 RANGE_MARGIN = 64
@@ -47,13 +47,20 @@ class RateTable:
     def vmax(self) -> int:
         return self.vmin + int(self.costs.shape[1]) - 1
 
+    def to(self, device: "str | torch.device") -> "RateTable":
+        """The same table on ``device`` (itself when it is already there)."""
+        dev = torch.device(device)
+        if self.costs.device == dev:
+            return self
+        return RateTable(self.ctx.to(dev), self.costs.to(dev), self.vmin)
+
     def column_costs(self, col: int) -> torch.Tensor:
         """(rows, V) bit costs for one column."""
         return self.costs[self.ctx[:, col]]
 
     def bits(self, codes: np.ndarray) -> float:
         """Total bits the table prices ``codes`` at (side information excluded)."""
-        c = torch.as_tensor(np.asarray(codes, dtype=np.int64))
+        c = torch.as_tensor(np.asarray(codes, dtype=np.int64)).to(self.costs.device)
         idx = (c.clamp(self.vmin, self.vmax) - self.vmin)
         return float(self.costs[self.ctx, idx].double().sum())
 
@@ -120,6 +127,8 @@ class RdoqRound:
         d = (u.unsqueeze(0) - cands) * scale.unsqueeze(0)
         cost = float(err_weight) * d * d
         if self.lam:
+            if self.table.costs.device != x.device:
+                self.table = self.table.to(x.device)  # once: later columns find it there
             t = self.table
             idx = (cands.to(torch.int64).clamp(t.vmin, t.vmax) - t.vmin).T  # (rows, 3)
             bits = torch.gather(t.column_costs(col), 1, idx).T.to(cost.dtype)
@@ -131,17 +140,21 @@ class RdoqRound:
 
 def rdoq_codes(w: np.ndarray, grid: EcsqGrid, prep: PreparedHessian | None, lam: float, iters: int = 1,
                model: str = "col", block_size: int = 128, init: np.ndarray | None = None,
-               name: str = "weight") -> tuple[np.ndarray, RateTable]:
+               name: str = "weight", device: "str | torch.device | None" = None) -> tuple[np.ndarray, RateTable]:
     """Codes after ``iters`` rate-aware passes; the first rate model is fitted to ``init`` (default:
-    round-to-nearest codes on ``grid`` without error feedback, which is cheap and close enough)."""
+    round-to-nearest codes on ``grid`` without error feedback, which is cheap and close enough).
+
+    The sweeps run on ``device`` (default: where ``prep`` lives, else the CPU); the rate model is
+    fitted in numpy on the CPU (the entropy coder's own fit) and its table moved to the device."""
     if iters < 1:
         raise PgolfError(f"RDOQ needs at least one pass, got iters={iters}")
-    q = ecsq_codes(w, grid, None, name=name) if init is None else np.asarray(init)
-    table = fit_rate_table(q, model)
+    dev = sweep_device(device, prep)
+    q = ecsq_codes(w, grid, None, name=name, device=dev) if init is None else np.asarray(init)
+    table = fit_rate_table(q, model).to(dev)
     for it in range(iters):
         if it:
-            table = fit_rate_table(q, model)
-        q = ecsq_codes(w, grid, prep, RdoqRound(table, lam), block_size=block_size, name=name)
+            table = fit_rate_table(q, model).to(dev)
+        q = ecsq_codes(w, grid, prep, RdoqRound(table, lam), block_size=block_size, name=name, device=dev)
     return q, table
 
 
@@ -159,12 +172,13 @@ def quantize_ecsq_rdoq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    device: "str | torch.device | None" = None,
 ) -> QuantizedTensor:
-    """ECSQ with rate-aware rounding (GPTQ sweep when ``H`` is given); scheme "ecsq"."""
+    """ECSQ with rate-aware rounding (GPTQ sweep when ``H`` is given) on ``device``; scheme "ecsq"."""
     w = check_weight(name, w)
-    prep = as_prepared(name, w, H, damp, act_order)
+    prep = as_prepared(name, w, H, damp, act_order, device)
     grid = make_grid(w, delta, prep, row_mode, col_beta)
-    q, _ = rdoq_codes(w, grid, prep, lam, iters, model, block_size, name=name)
+    q, _ = rdoq_codes(w, grid, prep, lam, iters, model, block_size, name=name, device=device)
     params = {"gptq": prep is not None, "rdoq": {"lambda": float(lam), "iters": int(iters), "model": model}}
     if prep is not None:
         params.update(block_size=int(block_size), damp=float(prep.damp), act_order=bool(prep.act_order))

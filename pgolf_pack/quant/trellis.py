@@ -339,20 +339,23 @@ class TrellisRound:
     def __call__(self, x: torch.Tensor, scale: torch.Tensor, *, qmax: int, col: int, err_weight: float) -> torch.Tensor:
         xs = x.double()
         sd = scale.double()
-        u = (xs / sd).numpy()
-        wd = (float(err_weight) * sd * sd).numpy()
+        # The Viterbi search is sequential down the rows and runs in numba on the CPU: on a CUDA
+        # sweep each column makes this one round trip while the error feedback stays on the GPU.
+        u = (xs / sd).cpu().numpy()
+        wd = (float(err_weight) * sd * sd).cpu().numpy()
         ctx = np.zeros(u.size, np.int64) if self.ctx is None else np.ascontiguousarray(self.ctx[:, col], dtype=np.int64)
         m, _ = viterbi_column(u, wd, self.lam, self.cost, ctx, self.vmin)
-        return torch.from_numpy(m).to(x.dtype)
+        return torch.from_numpy(m).to(device=x.device, dtype=x.dtype)
 
 
 def trellis_recon(w: np.ndarray, grid: EcsqGrid, prep: PreparedHessian | None, rnd: TrellisRound,
-                  block_size: int = 128, name: str = "weight") -> np.ndarray:
-    """Reconstruction indices (int64) on the trellis: GPTQ sweep with ``prep``, else column by
-    column without error feedback."""
+                  block_size: int = 128, name: str = "weight", device: "str | torch.device | None" = None) -> np.ndarray:
+    """Reconstruction indices (int64) on the trellis: GPTQ sweep with ``prep`` (on ``device``,
+    default where ``prep`` lives), else column by column without error feedback — that path is
+    all Viterbi, which runs on the CPU, so it stays there whatever ``device`` says."""
     if prep is not None:
         return gptq_sweep_range(w, prep, grid.scale, CODE_MAX, block_size=block_size, round_fn=rnd, name=name,
-                                col_mult=grid.col_mult).astype(np.int64)
+                                col_mult=grid.col_mult, device=device).astype(np.int64)
     s = torch.from_numpy(grid.scale.astype(np.float32))
     mult = grid.col_mult
     out = np.empty(w.shape, np.int64)
@@ -363,7 +366,8 @@ def trellis_recon(w: np.ndarray, grid: EcsqGrid, prep: PreparedHessian | None, r
 
 
 def trellis_levels(w: np.ndarray, grid: EcsqGrid, prep: PreparedHessian | None, lam: float, iters: int = 1,
-                   coding: str = "plain", block_size: int = 128, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+                   coding: str = "plain", block_size: int = 128, name: str = "weight",
+                   device: "str | torch.device | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """(levels, recon indices) after ``iters`` rate-aware trellis passes. The first rate model is
     fitted to a distortion-only trellis without error feedback (cheap); at λ = 0 no model is fitted."""
     if coding not in CODINGS:
@@ -371,13 +375,13 @@ def trellis_levels(w: np.ndarray, grid: EcsqGrid, prep: PreparedHessian | None, 
     if iters < 1:
         raise PgolfError(f"the trellis needs at least one pass, got iters={iters}")
     if lam == 0:
-        m = trellis_recon(w, grid, prep, TrellisRound(0.0), block_size, name)
+        m = trellis_recon(w, grid, prep, TrellisRound(0.0), block_size, name, device)
         return levels_from_recon(m)[0], m
     m = trellis_recon(w, grid, None, TrellisRound(0.0), block_size, name)
     for _ in range(iters):
         k, cls = levels_from_recon(m)
         cost, ctx, vmin = fit_trellis_rate(k, cls, coding)
-        m = trellis_recon(w, grid, prep, TrellisRound(lam, cost, ctx, vmin), block_size, name)
+        m = trellis_recon(w, grid, prep, TrellisRound(lam, cost, ctx, vmin), block_size, name, device)
     return levels_from_recon(m)[0], m
 
 
@@ -418,15 +422,17 @@ def quantize_trellis(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    device: "str | torch.device | None" = None,
 ) -> QuantizedTensor:
-    """Trellis-quantize one matrix; ``delta`` is the ECSQ-equivalent step (unit step = 0.6 Δ)."""
+    """Trellis-quantize one matrix; ``delta`` is the ECSQ-equivalent step (unit step = 0.6 Δ).
+    The GPTQ sweep runs on ``device``; the Viterbi search on the CPU."""
     if states != STATES:
         raise PgolfError(f"only the {STATES}-state trellis is implemented, got states={states}")
     w = check_weight(name, w)
-    prep = as_prepared(name, w, H, damp, act_order)
+    prep = as_prepared(name, w, H, damp, act_order, device)
     grid = make_grid(w, DQ_STEP_RATIO * delta, prep, row_mode, col_beta)
     grid.delta = float(delta)
-    k, _ = trellis_levels(w, grid, prep, lam, iters, coding, block_size, name)
+    k, _ = trellis_levels(w, grid, prep, lam, iters, coding, block_size, name, device)
     params = {"gptq": prep is not None, "lambda": float(lam), "step_ratio": DQ_STEP_RATIO}
     if prep is not None:
         params.update(block_size=int(block_size), damp=float(prep.damp), act_order=bool(prep.act_order))
