@@ -206,7 +206,7 @@ def rd_curves(
             ws.append(1.0)
         for wdt in sorted(ws):
             t0 = time.perf_counter()
-            qm = quantize_tensors(tensors, record_recipe(wdt), hessians)
+            qm = quantize_tensors(tensors, record_recipe(wdt), hessians, device=device)
             tq = time.perf_counter() - t0
             proxy = _intk_proxy(tensors, qm, norm)
             for name, c in (("record", record_codec), ("gptq", "auto-fast")):
@@ -222,7 +222,7 @@ def rd_curves(
             continue
         c = replace(base_cfg, method=RD_METHOD[name])
         t0 = time.perf_counter()
-        mp = prepare_model(tensors, hessians, c, counts, sensitivity)
+        mp = prepare_model(tensors, hessians, c, counts, sensitivity, device=device)
         t_prep = time.perf_counter() - t0
         if lambdas is not None:
             grid = list(lambdas)
