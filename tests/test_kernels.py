@@ -144,3 +144,46 @@ def test_l1_chain_rejects_non_matrix():
         l1_chain_order(np.zeros(5, np.int8))
     with pytest.raises(TypeError):
         l1_chain_order(np.zeros((2, 2), np.float32))
+
+
+# --- summed code lengths for the entropy fits --------------------------------------------------
+
+from pgolf_pack.kernels.rowcost import offset_pass, offset_pass_ref, row_costs, row_costs_ref  # noqa: E402
+
+
+@SETTINGS
+@given(rows=st.integers(0, 40), cols=st.integers(0, 700), n=st.integers(1, 30), seed=st.integers(0, 2**32 - 1))
+def test_row_costs_bit_identical_to_numpy(rows, cols, n, seed):
+    # Bitwise equality, not closeness: the fits compare these sums, so any reordering of the
+    # additions could flip a near tie and change the artifact.
+    rng = _rng(seed)
+    y = rng.integers(0, n, (rows, cols)).astype(np.int32)
+    cst = rng.random((cols, n)) * 10.0 ** rng.uniform(-2, 2, (cols, n))
+    assert row_costs(y, cst).tobytes() == row_costs_ref(y, cst).tobytes()
+
+
+@SETTINGS
+@given(rows=st.integers(0, 30), cols=st.integers(0, 400), axis=st.integers(0, 1), window=st.integers(0, 3),
+       seed=st.integers(0, 2**32 - 1))
+def test_offset_pass_matches_reference(rows, cols, axis, window, seed):
+    rng = _rng(seed)
+    n, m_n, s_lo, s_hi = 9, 3, -4, 6
+    flat = rng.random((s_hi - s_lo + 1) * m_n * n) * 20
+    # Exact ties between candidates (same cost table row) must keep the first, as numpy does.
+    flat[: m_n * n] = flat[m_n * n: 2 * m_n * n]
+    y = rng.integers(0, n, (rows, cols)).astype(np.int32)
+    u, v, m = rng.integers(-6, 4, rows), rng.integers(-3, 8, cols), rng.integers(0, m_n, cols)
+    line, other = (u, v) if axis == 0 else (v, u)
+    got = offset_pass(y, line, other, m, flat, s_lo, s_hi, m_n, window, axis)
+    np.testing.assert_array_equal(got, offset_pass_ref(y, line, other, m, flat, s_lo, s_hi, m_n, window, axis))
+
+
+def test_row_costs_long_rows_use_numpy_pairwise_order():
+    # Above 128 elements numpy splits the sum in halves; a sequential sum differs in the last bits.
+    rng = _rng(3)
+    y = rng.integers(0, 5, (4, 20000)).astype(np.int32)
+    cst = rng.random((20000, 5)) * 1e3
+    got = row_costs(y, cst)
+    assert got.tobytes() == row_costs_ref(y, cst).tobytes()
+    seq = np.array([float(np.cumsum(cst[np.arange(20000), r])[-1]) for r in y])
+    assert not np.array_equal(seq, got)

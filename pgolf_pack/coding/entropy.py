@@ -40,6 +40,7 @@ from typing import Sequence
 import constriction
 import numpy as np
 
+from ..kernels.rowcost import row_costs
 from .entropy_decode import (  # noqa: F401  (entropy_decode re-exported for callers of both sides)
     _BUCKETS,
     _MODEL_ID,
@@ -267,8 +268,7 @@ def _kmeans_rows(x: np.ndarray, k: int, iters: int = 12) -> np.ndarray:
 
 
 def _row_costs(y: np.ndarray, cache: CostCache, s: np.ndarray, m: np.ndarray) -> np.ndarray:
-    cst = cache.costs(np.stack([s, m], axis=1))  # (C, n)
-    return cst[np.arange(y.shape[1])[None, :], y].sum(axis=1)
+    return row_costs(y, cache.costs(np.stack([s, m], axis=1)))  # costs: (C, n)
 
 
 def _fit_classes(

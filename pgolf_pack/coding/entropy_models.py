@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.rowcost import offset_pass
 from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part of this module's API)
     ANS_PRECISION,
     FAMILIES,
@@ -394,7 +395,7 @@ def fit_rc_offsets(
     """Alternating ML fit of row offsets u and column scales v, key (u_r + v_c, m_c).
 
     Costs are gathered per symbol from one dense table over the key range, so the work is
-    O(symbols x window) per pass whatever the number of distinct keys.
+    O(symbols x window) per pass whatever the number of distinct keys (``kernels.rowcost``).
     """
     s_min, s_max = s_range
     u = [np.asarray(a, np.int64).copy() for a in u]
@@ -412,22 +413,10 @@ def fit_rc_offsets(
                 s_hi = s_lo
             grid = np.stack(np.meshgrid(np.arange(s_lo, s_hi + 1), np.arange(m_lo, m_lo + m_n), indexing="ij"), -1)
             table = cache.costs(grid.reshape(-1, 2))  # ((S * M), n)
-            n = table.shape[1]
             flat = table.ravel()
             for t, y in enumerate(ys):
-                line = u[t] if axis == 0 else v[t]
-                best_c = np.full(len(line), np.inf)
-                best_s = line.copy()
-                mrow = (m[t] - m_lo)[None, :]
-                for d in range(-window, window + 1):
-                    cand = line + d
-                    s = (cand[:, None] + v[t][None, :]) if axis == 0 else (u[t][:, None] + cand[None, :])
-                    ok = (s >= s_lo) & (s <= s_hi)
-                    idx = ((np.clip(s, s_lo, s_hi) - s_lo) * m_n + mrow) * n + y
-                    c = np.where(ok, flat[idx], 1e9).sum(axis=1 - axis)
-                    better = c < best_c
-                    best_c = np.where(better, c, best_c)
-                    best_s = np.where(better, cand, best_s)
+                line, other = (u[t], v[t]) if axis == 0 else (v[t], u[t])
+                best_s = offset_pass(y, line, other, m[t] - m_lo, flat, s_lo, s_hi, m_n, window, axis)
                 if axis == 0:
                     u[t] = best_s
                 else:
