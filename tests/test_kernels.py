@@ -187,3 +187,43 @@ def test_row_costs_long_rows_use_numpy_pairwise_order():
     assert got.tobytes() == row_costs_ref(y, cst).tobytes()
     seq = np.array([float(np.cumsum(cst[np.arange(20000), r])[-1]) for r in y])
     assert not np.array_equal(seq, got)
+
+
+# --- context order, escape magnitudes and mantissas for the entropy encoder ----------------------
+
+from pgolf_pack.kernels.ctxsort import (  # noqa: E402
+    escape_parts,
+    pack_mantissas,
+    pack_mantissas_ref,
+    stable_order,
+    stable_order_ref,
+)
+
+
+@SETTINGS
+@given(n=st.integers(0, 3000), k=st.integers(1, 70000), seed=st.integers(0, 2**32 - 1))
+def test_stable_order_matches_stable_argsort(n, k, seed):
+    keys = _rng(seed).integers(0, min(k, 50), n)  # few distinct keys: long runs of ties
+    np.testing.assert_array_equal(stable_order(keys, k), stable_order_ref(keys, k))
+
+
+def test_stable_order_rejects_keys_outside_range():
+    with pytest.raises(ValueError):
+        stable_order(np.array([0, 3]), 3)
+
+
+@SETTINGS
+@given(n=st.integers(0, 500), top=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+def test_pack_mantissas_matches_reference(n, top, seed):
+    rng = _rng(seed)
+    buckets = rng.integers(0, top + 1, n)
+    mant = np.array([int(rng.integers(0, 1 << int(b))) if b else 0 for b in buckets], dtype=np.int64)
+    assert pack_mantissas(buckets, mant) == pack_mantissas_ref(buckets, mant)
+
+
+def test_escape_parts_bit_lengths():
+    # Core [-3, 4]: distances 1, 2, 3, 4 and 2**40 + 5 past either edge.
+    v = np.array([-4, 5, -5, 6, 7, 8, -3 - (2**40 + 5)], dtype=np.int64)
+    b, m = escape_parts(v, -3, 4)
+    assert b.tolist() == [0, 0, 1, 1, 1, 2, 40]
+    assert m.tolist() == [0, 0, 0, 0, 1, 0, 5]

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import constriction
 import numpy as np
 
+from ..kernels.ctxsort import escape_parts, pack_mantissas, stable_order
 from ..kernels.rowcost import row_costs
 from .entropy_decode import (  # noqa: F401  (entropy_decode re-exported for callers of both sides)
     _BUCKETS,
@@ -60,7 +61,6 @@ from .entropy_decode import (  # noqa: F401  (entropy_decode re-exported for cal
     _residual_range,
     _roff_sizes,
     _shape2d,
-    _sort_order,
     _Spec,
     _split,
     _vshapes,
@@ -148,18 +148,6 @@ def _escape_parts(v: np.ndarray, core: Core) -> tuple[np.ndarray, np.ndarray]:
     w = np.where(v < core.clo, core.clo - v, v - core.chi).astype(np.int64)
     b = _bit_length_minus1(w)
     return b, w - (np.int64(1) << b)
-
-
-def _pack_mantissas(buckets: np.ndarray, mant: np.ndarray) -> bytes:
-    order = np.argsort(buckets, kind="stable")
-    b, m = buckets[order], mant[order]
-    parts = []
-    for k in np.unique(b):
-        if k == 0:
-            continue
-        sel = m[b == k]
-        parts.append(((sel[:, None] >> np.arange(k - 1, -1, -1)[None, :]) & 1).astype(np.uint8).ravel())
-    return np.packbits(np.concatenate(parts)).tobytes() if parts else b""
 
 
 def _vsplit(mats: list[np.ndarray], layout) -> list[np.ndarray]:
@@ -422,6 +410,9 @@ class EntropyModel:
     vys: list[np.ndarray]
     vctx: list[np.ndarray]
     weights: np.ndarray
+    # Derived once per model (symbol order, escapes, assembled segments): bits() and encode()
+    # both need them, and each costs passes over every symbol.
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def model(self) -> str:
@@ -486,10 +477,25 @@ class EntropyModel:
         """(buckets, mantissas) of escaped values in ANS decode order, or None without escapes."""
         if not self.core.esc:
             return None
-        order = self._order()
-        fy = _cat([y.ravel() for y in self.vys])[order]
-        vals = _cat([(self.coded[t] if idx is None else self.coded[t][idx]).ravel() for t, idx in self.layout])[order]
-        return _escape_parts(vals[fy >= self.core.ncore], self.core)
+        if "esc" not in self._memo:
+            order, fy = self._sorted()
+            at = order[fy >= self.core.ncore]  # flat positions of the escapes, in decode order
+            self._memo["esc"] = escape_parts(self._flat_coded(at), self.core.clo, self.core.chi)
+        return self._memo["esc"]
+
+    def _flat_coded(self, at: np.ndarray) -> np.ndarray:
+        """Coded values at flat positions ``at`` of the virtual tensors (concatenated, row-major),
+        gathered without concatenating every value."""
+        sizes = [y.size for y in self.vys]
+        starts = np.cumsum([0] + sizes)
+        vt = np.searchsorted(starts, at, side="right") - 1
+        out = np.empty(at.shape, np.int64)
+        for i, (t, idx) in enumerate(self.layout):
+            sel = np.flatnonzero(vt == i)
+            if sel.size:
+                r, c = np.divmod(at[sel] - starts[i], self.vys[i].shape[1])
+                out[sel] = self.coded[t][r if idx is None else idx[r], c]
+        return out
 
     def _bucket_table(self) -> np.ndarray | None:
         e = self._escapes()
@@ -501,11 +507,21 @@ class EntropyModel:
         t = self._bucket_table()
         return np.full(_BUCKETS, 8.0) if t is None else cost_bits(t)[0]
 
-    def _order(self) -> np.ndarray:
-        return _sort_order(_flat_ctx(self.vctx, self._vshapes()), self.weights.shape[0])
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, symbols in that order): every symbol grouped by context, stably (the order
+        ``entropy_decode``'s ``_sort_order`` rebuilds), by a counting sort."""
+        if "order" not in self._memo:
+            order = stable_order(_flat_ctx(self.vctx, self._vshapes()), self.weights.shape[0])
+            self._memo["order"] = (order, _cat([y.ravel() for y in self.vys])[order])
+        return self._memo["order"]
 
     def _assemble(self) -> tuple[bytes, bytes, list[_Segment]]:
         """Header bits, escape mantissa bytes and the ANS segments in decode order."""
+        if "asm" not in self._memo:
+            self._memo["asm"] = self._assemble_uncached()
+        return self._memo["asm"]
+
+    def _assemble_uncached(self) -> tuple[bytes, bytes, list[_Segment]]:
         bw = BitWriter()
         spec = self.spec
         nsym = sum(r * c for r, c in self.shapes)
@@ -549,8 +565,7 @@ class EntropyModel:
                 keep = sizes >= 2
                 if keep.any():
                     segs.append(_Segment(roff[keep].astype(np.int32), sizes=sizes[keep].astype(np.int32)))
-        order = self._order()
-        fy = _cat([y.ravel() for y in self.vys])[order]
+        _, fy = self._sorted()
         counts = np.bincount(_flat_ctx(self.vctx, self._vshapes()), minlength=self.weights.shape[0])
         ends = np.cumsum(counts)
         for j in range(len(counts)):
@@ -564,7 +579,7 @@ class EntropyModel:
                 table = choose_table(np.bincount(buckets, minlength=_BUCKETS))[0]
                 write_table(bw, table)
                 segs.append(_Segment(buckets.astype(np.int32), weights=table[None, :].astype(np.float64)))
-                esc_bytes = _pack_mantissas(buckets, mant)
+                esc_bytes = pack_mantissas(buckets, mant)
         return bw.getvalue(), esc_bytes, segs
 
     def bits(self) -> float:
