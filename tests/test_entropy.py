@@ -300,3 +300,21 @@ def test_row_prediction_inverts_and_finds_duplicates(rng):
     res = run_row_prediction(a, pred, decode=False)
     np.testing.assert_array_equal(run_row_prediction(res, pred, decode=True), a)
     assert np.abs(res[10]).sum() < np.abs(a[10]).sum() / 4
+
+
+def test_auto_encodes_only_models_that_can_win_and_keeps_the_shortest():
+    # The choice skips encoding models whose length bounds cannot beat the best one; it must
+    # still return exactly what encoding every fitted model and keeping the first shortest gives.
+    from pgolf_pack.coding.entropy import entropy_encode_model
+
+    rng = np.random.default_rng(11)
+    for scale in (0.7, 3.0):
+        arrays = [np.clip(np.round(rng.standard_normal((48, 64)) * scale * rng.uniform(0.3, 2, 64)), -31, 31).astype(np.int8)
+                  for _ in range(3)]
+        fits = fit_models(arrays, -31, 31, auto=True)
+        bufs = [f.encode() for f in fits]
+        for f, b in zip(fits, bufs):
+            lo, hi = f.size_bounds() or (len(b), len(b))
+            assert lo <= len(b) <= hi
+        i = min(range(len(bufs)), key=lambda j: (len(bufs[j]), j))
+        assert entropy_encode_model(arrays, -31, 31) == (bufs[i], fits[i].model)

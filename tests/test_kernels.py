@@ -227,3 +227,35 @@ def test_escape_parts_bit_lengths():
     b, m = escape_parts(v, -3, 4)
     assert b.tolist() == [0, 0, 1, 1, 1, 2, 40]
     assert m.tolist() == [0, 0, 0, 0, 1, 0, 5]
+
+
+# --- ANS stream length, exact and bounded, against constriction ----------------------------------
+
+from pgolf_pack.kernels.anslen import ans_words, ans_words_bounds  # noqa: E402
+
+
+def _ans_segments(rng, count, max_len):
+    segs = []
+    for _ in range(count):
+        n = int(rng.integers(2, 40))
+        p = rng.random(n) ** rng.uniform(1, 8)
+        p[rng.random(n) < 0.3] = 2.0**-24  # the coder's floor for absent symbols
+        p /= p.sum()
+        segs.append((rng.choice(n, int(rng.integers(0, max_len + 1)), p=p).astype(np.int32), p))
+    return segs
+
+
+@SETTINGS
+@given(count=st.integers(1, 5), max_len=st.sampled_from([3, 200, 20000]), seed=st.integers(0, 2**32 - 1))
+def test_ans_words_exact_and_bounded(count, max_len, seed):
+    import constriction
+
+    segs = _ans_segments(_rng(seed), count, max_len)
+    coder = constriction.stream.stack.AnsCoder()
+    for y, p in reversed(segs):
+        coder.encode_reverse(y, constriction.stream.model.Categorical(p, perfect=False))
+    real = len(coder.get_compressed())
+    assert ans_words(segs) == real
+    lo, hi = ans_words_bounds(segs)
+    assert lo <= real <= hi
+    assert hi - lo <= 8 + real // 100  # tight enough to rule models out

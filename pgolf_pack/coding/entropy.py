@@ -12,8 +12,8 @@ set of contexts with one probability table per context:
 * ``ref``  – each row may first be predicted from an earlier row or from the running mean of a
   group of earlier rows; the residuals are coded with ``rc``.
 
-``auto`` codes with every model (``ref`` only when row prediction would touch enough rows) and
-keeps the shortest. On the bench checkpoint's int6 RTN symbols each column is close to a
+``auto`` fits every model (``ref`` only when row prediction would touch enough rows) and keeps
+the shortest code, running the coder only on models whose bounded length can still win. On the bench checkpoint's int6 RTN symbols each column is close to a
 discretized Gaussian (the heavy tails of a whole tensor come from columns of different scale),
 so the parametric tables cost within 0.1% of per-column empirical ones and need no storage.
 
@@ -40,6 +40,7 @@ from typing import Sequence
 import constriction
 import numpy as np
 
+from ..kernels.anslen import ans_words_bounds
 from ..kernels.ctxsort import escape_parts, pack_mantissas, stable_order
 from ..kernels.rowcost import row_costs
 from .entropy_decode import (  # noqa: F401  (entropy_decode re-exported for callers of both sides)
@@ -75,6 +76,7 @@ from .entropy_models import (
     axis_hists,
     choose_table,
     cost_bits,
+    effective_probs,
     fit_lines,
     fit_rc_offsets,
     fit_row_prediction,
@@ -586,9 +588,16 @@ class EntropyModel:
         """Predicted size of ``encode()`` in bits (exact side information, ideal ANS rate)."""
         side, esc, segs = self._assemble()
         ans = sum(s.bits() for s in segs)
-        ans_bytes = 4 * int(np.ceil(ans / 32.0)) if ans > 0 else 0
-        payload = len(_varint(len(side))) + len(side) + len(_varint(len(esc))) + len(esc) + ans_bytes
-        return 8.0 * (len(MAGIC) + 2 + len(_varint(payload)) + 4 + payload)
+        return 8.0 * _buffer_size(side, esc, 4 * int(np.ceil(ans / 32.0)) if ans > 0 else 0)
+
+    def size_bounds(self) -> tuple[int, int] | None:
+        """(lo, hi): ``len(encode())`` certainly lies in [lo, hi] (header and escapes exact, ANS
+        words bounded by ``kernels.anslen``); None when a segment is coded uniformly (``ref``)."""
+        side, esc, segs = self._assemble()
+        if any(s.weights is None for s in segs):
+            return None
+        lo, hi = ans_words_bounds([(s.symbols, _coder_probs(s.weights)) for s in segs])
+        return _buffer_size(side, esc, 4 * lo), _buffer_size(side, esc, 4 * hi)
 
     def encode(self) -> bytes:
         side, esc, segs = self._assemble()
@@ -602,6 +611,35 @@ class EntropyModel:
         payload = _varint(len(side)) + side + _varint(len(esc)) + esc + ans
         head = MAGIC + bytes([VERSION, _MODEL_ID[self.spec.model]]) + _varint(len(payload))
         return head + struct.pack("<I", zlib.crc32(payload)) + payload
+
+
+def _coder_probs(weights: np.ndarray) -> np.ndarray:
+    # The probabilities ``_categorical`` hands constriction for this table.
+    p = effective_probs(weights)[0]
+    return np.array([1.0, 0.0]) if p.size == 1 else p
+
+
+def _buffer_size(side: bytes, esc: bytes, ans_bytes: int) -> int:
+    """Length of the buffer ``encode()`` writes around these parts (see the module docstring)."""
+    payload = len(_varint(len(side))) + len(side) + len(_varint(len(esc))) + len(esc) + ans_bytes
+    return len(MAGIC) + 2 + len(_varint(payload)) + 4 + payload
+
+
+def _shortest(fits: list[EntropyModel]) -> tuple[bytes, EntropyModel] | None:
+    """The shortest encoding of the fits (the first on a tie), running the coder only on the
+    fits that can be shortest: one whose length is surely above another's upper bound is
+    strictly longer than that one, so it can neither win nor tie."""
+    bounds = [f.size_bounds() for f in fits]
+    known = [b[1] for b in bounds if b is not None]
+    cap = min(known) if known else None
+    best: tuple[bytes, EntropyModel] | None = None
+    for f, b in zip(fits, bounds):
+        if b is not None and cap is not None and b[0] > cap:
+            continue
+        buf = f.encode()
+        if best is None or len(buf) < len(best[0]):
+            best = (buf, f)
+    return best
 
 
 def _make(spec: _Spec, core: Core, lo: int, hi: int, coded: list[np.ndarray]) -> EntropyModel:
@@ -680,23 +718,17 @@ def fit_models(
 def fit_model(arrays: Sequence[np.ndarray], lo: int, hi: int, model: str = "auto") -> EntropyModel:
     """The fitted model ``entropy_encode`` would use (for ``auto``: the smallest coded size)."""
     if model == "auto":
-        fits = fit_models(arrays, lo, hi, auto=True)
-        sizes = [len(f.encode()) for f in fits]
-        return fits[int(np.argmin(sizes))]
+        return _shortest(fit_models(arrays, lo, hi, auto=True))[1]
     return fit_models(arrays, lo, hi, [model])[0]
 
 
 def entropy_encode_model(arrays: Sequence[np.ndarray], lo: int, hi: int, model: str = "auto") -> tuple[bytes, str]:
     """:func:`entropy_encode` and the model it used (``auto``: the shortest, first on a tie)."""
     fits = fit_models(arrays, lo, hi, auto=True) if model == "auto" else fit_models(arrays, lo, hi, [model])
-    best: tuple[bytes, str] | None = None
-    for f in fits:
-        buf = f.encode()
-        if best is None or len(buf) < len(best[0]):
-            best = (buf, f.model)
+    best = _shortest(fits)
     if best is None:
         raise ValueError(f"entropy model {model!r} cannot code this group (symbol range too wide)")
-    return best
+    return best[0], best[1].model
 
 
 def entropy_encode(arrays: Sequence[np.ndarray], lo: int, hi: int, model: str = "auto") -> bytes:
