@@ -259,3 +259,25 @@ def test_ans_words_exact_and_bounded(count, max_len, seed):
     lo, hi = ans_words_bounds(segs)
     assert lo <= real <= hi
     assert hi - lo <= 8 + real // 100  # tight enough to rule models out
+
+
+# --- Exp-Golomb size of count tables ------------------------------------------------------------
+
+from pgolf_pack.kernels.tablebits import table_bits, table_bits_ref  # noqa: E402
+
+
+@SETTINGS
+@given(n=st.integers(0, 300), top=st.integers(1, 40), zeros=st.floats(0, 1), seed=st.integers(0, 2**32 - 1))
+def test_table_bits_matches_reference(n, top, zeros, seed):
+    rng = _rng(seed)
+    t = rng.integers(0, 1 << top, n)
+    t[rng.random(n) < zeros] = 0
+    assert table_bits(t) == table_bits_ref(t)
+
+
+def test_table_bits_small_cases():
+    # [3]: eg(3, k) costs 5, 4, 3, 4 bits for k = 0..3, so k = 2 and 3 + 5 bits.
+    assert table_bits(np.array([3])) == (8, 2)
+    # [0, 0, 0]: one zero token eg(0, 0) = 1 bit, the run eg(2, 0) = 3 bits, + 5.
+    assert table_bits(np.array([0, 0, 0])) == (9, 0)
+    assert table_bits(np.zeros(0, np.int64)) == (5, 0)

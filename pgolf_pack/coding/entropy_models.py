@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.rowcost import offset_pass
+from ..kernels.tablebits import table_bits
 from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part of this module's API)
     ANS_PRECISION,
     FAMILIES,
@@ -202,15 +203,6 @@ class BitWriter:
         return int(s, 2).to_bytes(len(s) // 8, "big")
 
 
-def _eg_len(v: np.ndarray, k: int) -> np.ndarray:
-    w = np.asarray(v, dtype=np.int64) + (1 << k)
-    top = np.floor(np.log2(w)).astype(np.int64)
-    # Float log2 can be off by one next to a power of two; settle it on the integers.
-    top = np.where((w >> top) == 0, top - 1, top)
-    top = np.where((w >> (top + 1)) > 0, top + 1, top)
-    return 2 * (top - k) + k + 1
-
-
 def _table_tokens(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nonzero entries and zero runs: (values, runs) where run > 0 marks a zero run."""
     t = np.asarray(t, dtype=np.int64).reshape(-1)
@@ -228,27 +220,6 @@ def _table_tokens(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         end = np.full(pos.shape, n)
     zp = zero[pos]
     return np.where(zp, 0, t[pos]), np.where(zp, end - pos, 0).astype(np.int64)
-
-
-_EG_ORDERS = np.arange(25, dtype=np.int64)
-
-
-def table_bits(t: np.ndarray) -> tuple[int, int]:
-    """(bits, order k) of the cheapest Exp-Golomb coding of a count table (5 bits for k)."""
-    vals, runs = _table_tokens(t)
-    if len(vals) == 0:
-        return 5, 0
-    run_bits = int(_eg_len(runs[runs > 0] - 1, 0).sum())
-    # Every order at once (one array op instead of one per k); the scan below keeps the first
-    # minimum before the length starts growing, as the Exp-Golomb length is unimodal in k.
-    lens = (_eg_len(vals[None, :], _EG_ORDERS[:, None]).sum(axis=1) + run_bits + 5).tolist()
-    best = None
-    for k, b in enumerate(lens):
-        if best is None or b < best[0]:
-            best = (b, k)
-        elif b > best[0]:
-            break
-    return best
 
 
 def write_table(bw: BitWriter, t: np.ndarray) -> None:
