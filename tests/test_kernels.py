@@ -281,3 +281,14 @@ def test_table_bits_small_cases():
     # [0, 0, 0]: one zero token eg(0, 0) = 1 bit, the run eg(2, 0) = 3 bits, + 5.
     assert table_bits(np.array([0, 0, 0])) == (9, 0)
     assert table_bits(np.zeros(0, np.int64)) == (5, 0)
+
+
+@SETTINGS
+@given(rows=st.integers(0, 30), cols=st.integers(0, 50), n=st.integers(1, 20), axis=st.integers(0, 1), seed=st.integers(0, 2**32 - 1))
+def test_line_hists_matches_reference(rows, cols, n, axis, seed):
+    from pgolf_pack.kernels.ctxsort import line_hists, line_hists_ref
+
+    y = _rng(seed).integers(0, n, (rows, cols)).astype(np.int32)
+    got = line_hists(y, n, axis)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, line_hists_ref(y, n, axis))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.ctxsort import line_hists
 from ..kernels.rowcost import offset_pass
 from ..kernels.tablebits import table_bits
 from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part of this module's API)
@@ -68,13 +69,7 @@ def hist_cost_bits(counts: np.ndarray, table: np.ndarray) -> float:
 
 def axis_hists(ys: list[np.ndarray], n: int, axis: int) -> list[np.ndarray]:
     """Per-column (axis=1) or per-row (axis=0) histograms (lines, n) of alphabet indices."""
-    out = []
-    for y in ys:
-        yy = y if axis == 1 else y.T
-        r, c = yy.shape
-        idx = yy.astype(np.int64) + (np.arange(c, dtype=np.int64) * n)[None, :]
-        out.append(np.bincount(idx.ravel(), minlength=c * n).reshape(c, n))
-    return out
+    return [line_hists(y, n, axis) for y in ys]
 
 
 def _moments(h: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,12 +88,14 @@ class CostCache(TableCache):
 
     def costs(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
-        missing = [tuple(k) for k in pair_codes(keys)[0].tolist() if tuple(k) not in self._c]
+        kl = list(map(tuple, keys.tolist()))
+        # Rows depend only on their own key, so the batch (and its order) is free to choose.
+        missing = [k for k in dict.fromkeys(kl) if k not in self._c]
         if missing:
-            c = cost_bits(self.weights(np.array(missing)))
+            c = cost_bits(self.weights(np.array(missing, dtype=np.int64)))
             for k, row in zip(missing, c):
                 self._c[k] = row
-        return np.stack([self._c[tuple(k)] for k in keys.tolist()])
+        return np.stack([self._c[k] for k in kl])
 
 
 def initial_scale_index(h: np.ndarray, values: np.ndarray, q: int, s_min: int, s_max: int) -> tuple[np.ndarray, np.ndarray]:

@@ -105,3 +105,32 @@ def _escape_parts_kernel(v, clo, chi):
 def escape_parts(values: np.ndarray, clo: int, chi: int) -> tuple[np.ndarray, np.ndarray]:
     """(bit length - 1, mantissa) of each escaped value's distance past the core [clo, chi]."""
     return _escape_parts_kernel(np.ascontiguousarray(values, dtype=np.int64), int(clo), int(chi))
+
+
+@njit(cache=True, nogil=True)
+def _line_hists_kernel(y, n, axis):
+    rows, cols = y.shape
+    h = np.zeros((cols if axis == 1 else rows, n), np.int64)
+    for r in range(rows):
+        for c in range(cols):
+            if axis == 1:
+                h[c, y[r, c]] += 1
+            else:
+                h[r, y[r, c]] += 1
+    return h
+
+
+def line_hists(y: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """(lines, n) counts of symbols 0..n-1 per column (axis=1) or per row (axis=0) of ``y``."""
+    y = np.asarray(y)
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= n):
+        raise ValueError(f"symbols must lie in [0, {n})")
+    return _line_hists_kernel(np.ascontiguousarray(y), int(n), int(axis))
+
+
+def line_hists_ref(y: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Numpy reference for :func:`line_hists`."""
+    yy = y if axis == 1 else y.T
+    c = yy.shape[1]
+    idx = yy.astype(np.int64) + (np.arange(c, dtype=np.int64) * n)[None, :]
+    return np.bincount(idx.ravel(), minlength=c * n).reshape(c, n)
