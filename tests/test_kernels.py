@@ -292,3 +292,17 @@ def test_line_hists_matches_reference(rows, cols, n, axis, seed):
     got = line_hists(y, n, axis)
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, line_hists_ref(y, n, axis))
+
+
+@SETTINGS
+@given(rows=st.integers(1, 60), b0=st.integers(0, 59), cols=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_best_prior_rho2_bit_identical(rows, b0, cols, seed):
+    from pgolf_pack.kernels.rowcost import best_prior_rho2, best_prior_rho2_ref
+
+    b0 = min(b0, rows - 1)
+    x = _rng(seed).integers(-20, 21, (rows, cols))
+    x[::7] = 0  # zero rows: the 1e-9 floor
+    xf = x.astype(np.float32)
+    gram = (xf @ xf[b0:].T).astype(np.float64)
+    nrm = (x.astype(np.float64) ** 2).sum(axis=1)
+    assert best_prior_rho2(gram, nrm, b0).tobytes() == best_prior_rho2_ref(gram, nrm, b0).tobytes()

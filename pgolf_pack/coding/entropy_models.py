@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.ctxsort import line_hists
-from ..kernels.rowcost import offset_pass
+from ..kernels.rowcost import best_prior_rho2, offset_pass
 from ..kernels.tablebits import table_bits
 from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part of this module's API)
     ANS_PRECISION,
@@ -341,9 +341,8 @@ def single_ref_share(x: np.ndarray, block: int = 512) -> float:
     for b0 in range(0, rows, block):
         b1 = min(rows, b0 + block)
         gram = (xf[:b1] @ xf[b0:b1].T).astype(np.float64)
-        mask = np.arange(b1)[:, None] < np.arange(b0, b1)[None, :]  # earlier rows only
-        rho2 = np.where(mask, gram**2 / np.maximum(np.outer(nrm[:b1], nrm[b0:b1]), 1e-9), 0.0)
-        best = np.clip(rho2.max(axis=0), 0.0, 1.0)  # float32 Gram entries can overshoot slightly
+        # Earlier rows only; clipped, as float32 Gram entries can overshoot slightly.
+        best = best_prior_rho2(gram, nrm, b0)
         e = nrm[b0:b1] * (1 - best) + cols / 12.0  # the rounded prediction adds 1/12 per symbol
         gain = 0.5 * cols * np.log2((nrm[b0:b1] + floor) / (e + floor)) - np.log2(np.arange(b0, b1) + 1) - 5.5
         hits += int((gain > 0).sum())

@@ -182,3 +182,34 @@ def offset_pass_ref(y, line, other, mcol, flat, s_lo, s_hi, m_n, window, axis) -
         best_c = np.where(better, c, best_c)
         best_s = np.where(better, cand, best_s)
     return best_s
+
+
+@njit(cache=True, nogil=True)
+def _best_prior_rho2_kernel(gram, nrm, b0):
+    b1, block = gram.shape
+    out = np.empty(block)
+    for j in range(block):
+        r = b0 + j
+        best = 0.0  # rows at or after r count as 0, as the masked numpy expression has it
+        for i in range(r):
+            g = gram[i, j]
+            v = g * g / max(nrm[i] * nrm[r], 1e-9)
+            if v > best:
+                best = v
+        out[j] = min(max(best, 0.0), 1.0)
+    return out
+
+
+def best_prior_rho2(gram: np.ndarray, nrm: np.ndarray, b0: int) -> np.ndarray:
+    """Per column j (row ``b0 + j``): the largest squared correlation with an earlier row,
+    ``gram[i, j]**2 / max(nrm[i] * nrm[b0 + j], 1e-9)`` over i < b0 + j, clipped to [0, 1].
+    Every step is one correctly rounded IEEE operation, so it equals the numpy expression."""
+    return _best_prior_rho2_kernel(np.ascontiguousarray(gram, dtype=np.float64), np.ascontiguousarray(nrm, dtype=np.float64), int(b0))
+
+
+def best_prior_rho2_ref(gram: np.ndarray, nrm: np.ndarray, b0: int) -> np.ndarray:
+    """Numpy reference for :func:`best_prior_rho2` (the expression ``single_ref_share`` used)."""
+    b1, block = gram.shape
+    mask = np.arange(b1)[:, None] < np.arange(b0, b0 + block)[None, :]
+    rho2 = np.where(mask, gram**2 / np.maximum(np.outer(nrm[:b1], nrm[b0:b0 + block]), 1e-9), 0.0)
+    return np.clip(rho2.max(axis=0), 0.0, 1.0)
