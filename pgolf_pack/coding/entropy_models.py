@@ -84,18 +84,28 @@ class CostCache(TableCache):
 
     def __init__(self, param: Param, clo: int, chi: int, esc: bool):
         super().__init__(param, clo, chi, esc)
-        self._c: dict[tuple[int, int], np.ndarray] = {}
+        # Rows live in one growing array (capacity doubles) so a lookup is one gather.
+        self._row: dict[tuple[int, int], int] = {}
+        self._rows = np.zeros((0, 0))
+        self._n = 0
 
     def costs(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
         kl = list(map(tuple, keys.tolist()))
         # Rows depend only on their own key, so the batch (and its order) is free to choose.
-        missing = [k for k in dict.fromkeys(kl) if k not in self._c]
+        missing = [k for k in dict.fromkeys(kl) if k not in self._row]
         if missing:
             c = cost_bits(self.weights(np.array(missing, dtype=np.int64)))
-            for k, row in zip(missing, c):
-                self._c[k] = row
-        return np.stack([self._c[k] for k in kl])
+            if self._n + len(missing) > len(self._rows):
+                grown = np.zeros((max(2 * len(self._rows), self._n + len(missing), 64), c.shape[1]))
+                if self._n:
+                    grown[: self._n] = self._rows[: self._n]
+                self._rows = grown
+            self._rows[self._n: self._n + len(missing)] = c
+            for i, k in enumerate(missing):
+                self._row[k] = self._n + i
+            self._n += len(missing)
+        return self._rows[[self._row[k] for k in kl]]
 
 
 def initial_scale_index(h: np.ndarray, values: np.ndarray, q: int, s_min: int, s_max: int) -> tuple[np.ndarray, np.ndarray]:

@@ -72,19 +72,19 @@ def ans_words(segments: list[tuple[np.ndarray, np.ndarray]]) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _ans_head_kernel(symbols, seg_start, left, weight):
-    """Encode from the end until the state first reaches 2**32 (no word can be emitted before:
-    that needs a state of at least 2**40). Returns (state, symbols consumed)."""
+def _ans_head_kernel(symbols, seg_of, left, weight):
+    """Encode ``symbols`` (segment ``seg_of[i]`` each) from the end until the state first reaches
+    2**32 (no word can be emitted before: that needs a state of at least 2**40).
+    Returns (state, symbols consumed)."""
     state = np.uint64(0)
     used = 0
-    for s in range(seg_start.shape[0] - 2, -1, -1):
-        for i in range(seg_start[s + 1] - 1, seg_start[s] - 1, -1):
-            if state >= (np.uint64(1) << np.uint64(32)):
-                return state, used
-            y = symbols[i]
-            q = np.uint64(weight[s, y])
-            state = ((state // q) << np.uint64(PRECISION)) | np.uint64(left[s, y] + np.int64(state % q))
-            used += 1
+    for i in range(symbols.shape[0] - 1, -1, -1):
+        if state >= (np.uint64(1) << np.uint64(32)):
+            return state, used
+        s, y = seg_of[i], symbols[i]
+        q = np.uint64(weight[s, y])
+        state = ((state // q) << np.uint64(PRECISION)) | np.uint64(left[s, y] + np.int64(state % q))
+        used += 1
     return state, used
 
 
@@ -110,21 +110,39 @@ def ans_words_bounds(segments: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int
     for j, (_, p) in enumerate(segments):
         lo, w = quantized_cdf(p)
         left[j, : len(p)], weight[j, : len(p)] = lo, w
-    sizes = [len(s) for s, _ in segments]
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    total = int(starts[-1])
-    syms = np.concatenate([np.asarray(s, np.int64) for s, _ in segments]) if total else np.zeros(0, np.int64)
-    state, used = _ans_head_kernel(syms, starts, left, weight)
+    sizes = np.array([len(s) for s, _ in segments], dtype=np.int64)
+    total = int(sizes.sum())
+    # The head is coded exactly from the stream's tail (the coder starts at the end); a short
+    # tail almost always suffices, so only that much is copied, growing while it does not.
+    tail = 64
+    while True:
+        tail = min(tail, total)
+        pieces, ids, need = [], [], tail
+        for j in range(len(segments) - 1, -1, -1):
+            if need <= 0:
+                break
+            k = min(int(sizes[j]), need)
+            pieces.append(np.asarray(segments[j][0][int(sizes[j]) - k:], np.int64))
+            ids.append(np.full(k, j, np.int64))
+            need -= k
+        part = np.concatenate(pieces[::-1]) if pieces else np.zeros(0, np.int64)
+        seg_of = np.concatenate(ids[::-1]) if ids else np.zeros(0, np.int64)
+        state, used = _ans_head_kernel(part, seg_of, left, weight)
+        if state >= (1 << 32) or tail == total:
+            break
+        tail *= 4
     if used == total:
         w = 0 if state == 0 else (1 if state < (1 << 32) else 2)
         return w, w
     info = err = 0.0
     head_from = total - used  # symbols [head_from, total) were coded exactly
-    for j in range(len(segments)):
-        a, b = int(starts[j]), min(int(starts[j + 1]), head_from)
+    start = 0
+    for j, (sym, _) in enumerate(segments):
+        a, b = start, min(start + int(sizes[j]), head_from)
+        start += int(sizes[j])
         if b <= a:
             continue
-        cnt = np.bincount(syms[a:b], minlength=n).astype(np.float64)
+        cnt = np.bincount(np.asarray(sym)[: b - a], minlength=n).astype(np.float64)
         w = weight[j].astype(np.float64)
         info += float((cnt * (PRECISION - np.log2(w))).sum())
         err += float((cnt * -np.log2(1.0 - w / 2.0**32)).sum())
