@@ -521,6 +521,7 @@ class EntropyModel:
         """Header bits, escape mantissa bytes and the ANS segments in decode order."""
         if "asm" not in self._memo:
             self._memo["asm"] = self._assemble_uncached()
+            self._memo.pop("order", None)  # a symbol-sized index nothing needs once assembled
         return self._memo["asm"]
 
     def _assemble_uncached(self) -> tuple[bytes, bytes, list[_Segment]]:
@@ -629,6 +630,8 @@ def _shortest(fits: list[EntropyModel]) -> tuple[bytes, EntropyModel] | None:
     """The shortest encoding of the fits (the first on a tie), running the coder only on the
     fits that can be shortest: one whose length is surely above another's upper bound is
     strictly longer than that one, so it can neither win nor tie."""
+    if len(fits) == 1:
+        return fits[0].encode(), fits[0]
     bounds = [f.size_bounds() for f in fits]
     known = [b[1] for b in bounds if b is not None]
     cap = min(known) if known else None
@@ -642,10 +645,11 @@ def _shortest(fits: list[EntropyModel]) -> tuple[bytes, EntropyModel] | None:
     return best
 
 
-def _make(spec: _Spec, core: Core, lo: int, hi: int, coded: list[np.ndarray]) -> EntropyModel:
+def _make(spec: _Spec, core: Core, lo: int, hi: int, coded: list[np.ndarray], ys: list[np.ndarray]) -> EntropyModel:
+    """The model of ``coded``, whose alphabet indices under ``core`` are ``ys`` (shared by fits)."""
     shapes = [m.shape for m in coded]
     layout = _layout(shapes, spec.rowclass, spec.nclass)
-    vys = [_to_alphabet(m, core) for m in _vsplit(coded, layout)]
+    vys = _vsplit(ys, layout)
     vctx, weights = _build(spec, [y.shape for y in vys], core)
     return EntropyModel(spec, core, lo, hi, shapes, coded, layout, vys, vctx, weights)
 
@@ -677,7 +681,7 @@ def _fit_ref(mats: list[np.ndarray], lo: int, hi: int, min_share: float = 0.0) -
     _, col = _fit_col(ys, core)
     spec = _fit_rc(ys, core, col, "ref")
     spec.pred = preds
-    return _make(spec, core, lo, hi, res)
+    return _make(spec, core, lo, hi, res, ys)
 
 
 def fit_models(
@@ -711,7 +715,7 @@ def fit_models(
         else:
             col = col if col is not None else _fit_col(ys, core)[1]
             spec = col if name == "col" else _fit_rc(ys, core, col)
-        out[name] = _make(spec, core, lo, hi, mats)
+        out[name] = _make(spec, core, lo, hi, mats, ys)
     return [out[m] for m in models if m in out]
 
 
