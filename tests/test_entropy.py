@@ -318,3 +318,18 @@ def test_auto_encodes_only_models_that_can_win_and_keeps_the_shortest():
             assert lo <= len(b) <= hi
         i = min(range(len(bufs)), key=lambda j: (len(bufs[j]), j))
         assert entropy_encode_model(arrays, -31, 31) == (bufs[i], fits[i].model)
+
+
+def test_auto_falls_back_to_encoding_every_model_when_bounds_fail(monkeypatch):
+    # If the length bounds ever disagree with the installed coder, the choice must not trust
+    # them: here every bound claims 0 bytes, which the first real encoding contradicts, and the
+    # result must still be the first shortest of all models.
+    from pgolf_pack.coding import entropy as E
+
+    rng = np.random.default_rng(5)
+    arrays = [np.clip(np.round(rng.standard_normal((40, 48)) * 2.0), -31, 31).astype(np.int8)]
+    fits = E.fit_models(arrays, -31, 31, auto=True)
+    want = min(((len(f.encode()), i) for i, f in enumerate(fits)))
+    monkeypatch.setattr(E.EntropyModel, "size_bounds", lambda self: (0, 0))
+    buf, model = E.entropy_encode_model(arrays, -31, 31)
+    assert (len(buf), model) == (want[0], fits[want[1]].model)
