@@ -230,8 +230,8 @@ def _fit_row(ys: list[np.ndarray], core: Core) -> _Spec:
     return _Spec("row", p, side=side)
 
 
-def _kmeans_rows(x: np.ndarray, k: int, iters: int = 12) -> np.ndarray:
-    """Deterministic k-means on rows, seeded by quantiles of the top principal direction.
+def _row_projection(x: np.ndarray) -> np.ndarray:
+    """Each row's coordinate along the top principal direction (power iteration).
 
     Products go through ``einsum`` rather than BLAS: these matrix-vector sizes are far below
     where threads pay off, and a multi-threaded BLAS on a busy machine is many times slower.
@@ -244,7 +244,13 @@ def _kmeans_rows(x: np.ndarray, k: int, iters: int = 12) -> np.ndarray:
         if nv == 0:
             break
         v /= nv
-    proj = np.einsum("rc,c->r", xc, v)
+    return np.einsum("rc,c->r", xc, v)
+
+
+def _kmeans_rows(x: np.ndarray, k: int, iters: int = 12, proj: np.ndarray | None = None) -> np.ndarray:
+    """Deterministic k-means on rows, seeded by quantiles of ``proj`` (default: the rows' top
+    principal coordinate, which does not depend on k, so callers trying several k pass it)."""
+    proj = _row_projection(x) if proj is None else proj
     label = np.minimum((np.argsort(np.argsort(proj, kind="stable"), kind="stable") * k) // len(proj), k - 1)
     sq = np.einsum("rc,rc->r", x, x)
     for _ in range(iters):
@@ -262,13 +268,23 @@ def _row_costs(y: np.ndarray, cache: CostCache, s: np.ndarray, m: np.ndarray) ->
 
 
 def _fit_classes(
-    ys: list[np.ndarray], core: Core, param: Param, k: int, rounds: int = 3
+    ys: list[np.ndarray], core: Core, param: Param, k: int, rounds: int = 3, seeds: dict | None = None
 ) -> tuple[float, np.ndarray, list[np.ndarray]]:
-    """Row classes (each with its own column parameters) by k-means, then by code length."""
+    """Row classes (each with its own column parameters) by k-means, then by code length.
+    ``seeds`` keeps each tensor's row values and principal coordinates across calls (any k)."""
     values = core.values()
     cache = CostCache(param, core.clo, core.chi, core.esc)
     shapes = [y.shape for y in ys]
-    labels = [_kmeans_rows(values[y], k) if y.shape[0] >= 2 * k and y.shape[1] else np.zeros(y.shape[0], np.int64) for y in ys]
+    seeds = {} if seeds is None else seeds
+    labels = []
+    for t, y in enumerate(ys):
+        if y.shape[0] >= 2 * k and y.shape[1]:
+            if t not in seeds:
+                x = values[y]
+                seeds[t] = (x, _row_projection(x))
+            labels.append(_kmeans_rows(seeds[t][0], k, proj=seeds[t][1]))
+        else:
+            labels.append(np.zeros(y.shape[0], np.int64))
     best = None
     for it in range(rounds + 1):
         rowclass = _cat(labels)
@@ -303,10 +319,11 @@ def _fit_col(ys: list[np.ndarray], core: Core, try_classes: bool = True) -> tupl
     if not try_classes:
         return best
     # More row classes only pay when the previous count already did.
+    seeds: dict = {}
     for k in range(2, MAX_CLASSES + 1):
         if not any(y.shape[0] >= 2 * k for y in ys):
             break
-        c, rowclass, side = _fit_classes(ys, core, p, k)
+        c, rowclass, side = _fit_classes(ys, core, p, k, seeds=seeds)
         if c >= best[0]:
             break
         best = (c, _Spec("col", p, nclass=k, rowclass=rowclass, side=side))
