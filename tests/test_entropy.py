@@ -300,3 +300,36 @@ def test_row_prediction_inverts_and_finds_duplicates(rng):
     res = run_row_prediction(a, pred, decode=False)
     np.testing.assert_array_equal(run_row_prediction(res, pred, decode=True), a)
     assert np.abs(res[10]).sum() < np.abs(a[10]).sum() / 4
+
+
+def test_auto_encodes_only_models_that_can_win_and_keeps_the_shortest():
+    # The choice skips encoding models whose length bounds cannot beat the best one; it must
+    # still return exactly what encoding every fitted model and keeping the first shortest gives.
+    from pgolf_pack.coding.entropy import entropy_encode_model
+
+    rng = np.random.default_rng(11)
+    for scale in (0.7, 3.0):
+        arrays = [np.clip(np.round(rng.standard_normal((48, 64)) * scale * rng.uniform(0.3, 2, 64)), -31, 31).astype(np.int8)
+                  for _ in range(3)]
+        fits = fit_models(arrays, -31, 31, auto=True)
+        bufs = [f.encode() for f in fits]
+        for f, b in zip(fits, bufs):
+            lo, hi = f.size_bounds() or (len(b), len(b))
+            assert lo <= len(b) <= hi
+        i = min(range(len(bufs)), key=lambda j: (len(bufs[j]), j))
+        assert entropy_encode_model(arrays, -31, 31) == (bufs[i], fits[i].model)
+
+
+def test_auto_falls_back_to_encoding_every_model_when_bounds_fail(monkeypatch):
+    # If the length bounds ever disagree with the installed coder, the choice must not trust
+    # them: here every bound claims 0 bytes, which the first real encoding contradicts, and the
+    # result must still be the first shortest of all models.
+    from pgolf_pack.coding import entropy as E
+
+    rng = np.random.default_rng(5)
+    arrays = [np.clip(np.round(rng.standard_normal((40, 48)) * 2.0), -31, 31).astype(np.int8)]
+    fits = E.fit_models(arrays, -31, 31, auto=True)
+    want = min(((len(f.encode()), i) for i, f in enumerate(fits)))
+    monkeypatch.setattr(E.EntropyModel, "size_bounds", lambda self: (0, 0))
+    buf, model = E.entropy_encode_model(arrays, -31, 31)
+    assert (len(buf), model) == (want[0], fits[want[1]].model)

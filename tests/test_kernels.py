@@ -144,3 +144,165 @@ def test_l1_chain_rejects_non_matrix():
         l1_chain_order(np.zeros(5, np.int8))
     with pytest.raises(TypeError):
         l1_chain_order(np.zeros((2, 2), np.float32))
+
+
+# --- summed code lengths for the entropy fits --------------------------------------------------
+
+from pgolf_pack.kernels.rowcost import offset_pass, offset_pass_ref, row_costs, row_costs_ref  # noqa: E402
+
+
+@SETTINGS
+@given(rows=st.integers(0, 40), cols=st.integers(0, 700), n=st.integers(1, 30), seed=st.integers(0, 2**32 - 1))
+def test_row_costs_bit_identical_to_numpy(rows, cols, n, seed):
+    # Bitwise equality, not closeness: the fits compare these sums, so any reordering of the
+    # additions could flip a near tie and change the artifact.
+    rng = _rng(seed)
+    y = rng.integers(0, n, (rows, cols)).astype(np.int32)
+    cst = rng.random((cols, n)) * 10.0 ** rng.uniform(-2, 2, (cols, n))
+    assert row_costs(y, cst).tobytes() == row_costs_ref(y, cst).tobytes()
+
+
+@SETTINGS
+@given(rows=st.integers(0, 30), cols=st.integers(0, 400), axis=st.integers(0, 1), window=st.integers(0, 3),
+       seed=st.integers(0, 2**32 - 1))
+def test_offset_pass_matches_reference(rows, cols, axis, window, seed):
+    rng = _rng(seed)
+    n, m_n, s_lo, s_hi = 9, 3, -4, 6
+    flat = rng.random((s_hi - s_lo + 1) * m_n * n) * 20
+    # Exact ties between candidates (same cost table row) must keep the first, as numpy does.
+    flat[: m_n * n] = flat[m_n * n: 2 * m_n * n]
+    y = rng.integers(0, n, (rows, cols)).astype(np.int32)
+    u, v, m = rng.integers(-6, 4, rows), rng.integers(-3, 8, cols), rng.integers(0, m_n, cols)
+    line, other = (u, v) if axis == 0 else (v, u)
+    got = offset_pass(y, line, other, m, flat, s_lo, s_hi, m_n, window, axis)
+    np.testing.assert_array_equal(got, offset_pass_ref(y, line, other, m, flat, s_lo, s_hi, m_n, window, axis))
+
+
+def test_row_costs_long_rows_use_numpy_pairwise_order():
+    # Above 128 elements numpy splits the sum in halves; a sequential sum differs in the last bits.
+    rng = _rng(3)
+    y = rng.integers(0, 5, (4, 20000)).astype(np.int32)
+    cst = rng.random((20000, 5)) * 1e3
+    got = row_costs(y, cst)
+    assert got.tobytes() == row_costs_ref(y, cst).tobytes()
+    seq = np.array([float(np.cumsum(cst[np.arange(20000), r])[-1]) for r in y])
+    assert not np.array_equal(seq, got)
+
+
+# --- context order, escape magnitudes and mantissas for the entropy encoder ----------------------
+
+from pgolf_pack.kernels.ctxsort import (  # noqa: E402
+    escape_parts,
+    pack_mantissas,
+    pack_mantissas_ref,
+    stable_order,
+    stable_order_ref,
+)
+
+
+@SETTINGS
+@given(n=st.integers(0, 3000), k=st.integers(1, 70000), seed=st.integers(0, 2**32 - 1))
+def test_stable_order_matches_stable_argsort(n, k, seed):
+    keys = _rng(seed).integers(0, min(k, 50), n)  # few distinct keys: long runs of ties
+    np.testing.assert_array_equal(stable_order(keys, k), stable_order_ref(keys, k))
+
+
+def test_stable_order_rejects_keys_outside_range():
+    with pytest.raises(ValueError):
+        stable_order(np.array([0, 3]), 3)
+
+
+@SETTINGS
+@given(n=st.integers(0, 500), top=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+def test_pack_mantissas_matches_reference(n, top, seed):
+    rng = _rng(seed)
+    buckets = rng.integers(0, top + 1, n)
+    mant = np.array([int(rng.integers(0, 1 << int(b))) if b else 0 for b in buckets], dtype=np.int64)
+    assert pack_mantissas(buckets, mant) == pack_mantissas_ref(buckets, mant)
+
+
+def test_escape_parts_bit_lengths():
+    # Core [-3, 4]: distances 1, 2, 3, 4 and 2**40 + 5 past either edge.
+    v = np.array([-4, 5, -5, 6, 7, 8, -3 - (2**40 + 5)], dtype=np.int64)
+    b, m = escape_parts(v, -3, 4)
+    assert b.tolist() == [0, 0, 1, 1, 1, 2, 40]
+    assert m.tolist() == [0, 0, 0, 0, 1, 0, 5]
+
+
+# --- ANS stream length, exact and bounded, against constriction ----------------------------------
+
+from pgolf_pack.kernels.anslen import ans_words, ans_words_bounds  # noqa: E402
+
+
+def _ans_segments(rng, count, max_len):
+    segs = []
+    for _ in range(count):
+        n = int(rng.integers(2, 40))
+        p = rng.random(n) ** rng.uniform(1, 8)
+        p[rng.random(n) < 0.3] = 2.0**-24  # the coder's floor for absent symbols
+        p /= p.sum()
+        segs.append((rng.choice(n, int(rng.integers(0, max_len + 1)), p=p).astype(np.int32), p))
+    return segs
+
+
+@SETTINGS
+@given(count=st.integers(1, 5), max_len=st.sampled_from([3, 200, 20000]), seed=st.integers(0, 2**32 - 1))
+def test_ans_words_exact_and_bounded(count, max_len, seed):
+    import constriction
+
+    segs = _ans_segments(_rng(seed), count, max_len)
+    coder = constriction.stream.stack.AnsCoder()
+    for y, p in reversed(segs):
+        coder.encode_reverse(y, constriction.stream.model.Categorical(p, perfect=False))
+    real = len(coder.get_compressed())
+    assert ans_words(segs) == real
+    lo, hi = ans_words_bounds(segs)
+    assert lo <= real <= hi
+    assert hi - lo <= 8 + real // 100  # tight enough to rule models out
+
+
+# --- Exp-Golomb size of count tables ------------------------------------------------------------
+
+from pgolf_pack.kernels.tablebits import table_bits, table_bits_ref  # noqa: E402
+
+
+@SETTINGS
+@given(n=st.integers(0, 300), top=st.integers(1, 40), zeros=st.floats(0, 1), seed=st.integers(0, 2**32 - 1))
+def test_table_bits_matches_reference(n, top, zeros, seed):
+    rng = _rng(seed)
+    t = rng.integers(0, 1 << top, n)
+    t[rng.random(n) < zeros] = 0
+    assert table_bits(t) == table_bits_ref(t)
+
+
+def test_table_bits_small_cases():
+    # [3]: eg(3, k) costs 5, 4, 3, 4 bits for k = 0..3, so k = 2 and 3 + 5 bits.
+    assert table_bits(np.array([3])) == (8, 2)
+    # [0, 0, 0]: one zero token eg(0, 0) = 1 bit, the run eg(2, 0) = 3 bits, + 5.
+    assert table_bits(np.array([0, 0, 0])) == (9, 0)
+    assert table_bits(np.zeros(0, np.int64)) == (5, 0)
+
+
+@SETTINGS
+@given(rows=st.integers(0, 30), cols=st.integers(0, 50), n=st.integers(1, 20), axis=st.integers(0, 1), seed=st.integers(0, 2**32 - 1))
+def test_line_hists_matches_reference(rows, cols, n, axis, seed):
+    from pgolf_pack.kernels.ctxsort import line_hists, line_hists_ref
+
+    y = _rng(seed).integers(0, n, (rows, cols)).astype(np.int32)
+    got = line_hists(y, n, axis)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, line_hists_ref(y, n, axis))
+
+
+@SETTINGS
+@given(rows=st.integers(1, 60), b0=st.integers(0, 59), cols=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_best_prior_rho2_bit_identical(rows, b0, cols, seed):
+    from pgolf_pack.kernels.rowcost import best_prior_rho2, best_prior_rho2_ref
+
+    b0 = min(b0, rows - 1)
+    x = _rng(seed).integers(-20, 21, (rows, cols))
+    x[::7] = 0  # zero rows: the 1e-9 floor
+    xf = x.astype(np.float32)
+    gram = (xf @ xf[b0:].T).astype(np.float64)
+    nrm = (x.astype(np.float64) ** 2).sum(axis=1)
+    assert best_prior_rho2(gram, nrm, b0).tobytes() == best_prior_rho2_ref(gram, nrm, b0).tobytes()

@@ -12,8 +12,8 @@ set of contexts with one probability table per context:
 * ``ref``  – each row may first be predicted from an earlier row or from the running mean of a
   group of earlier rows; the residuals are coded with ``rc``.
 
-``auto`` codes with every model (``ref`` only when row prediction would touch enough rows) and
-keeps the shortest. On the bench checkpoint's int6 RTN symbols each column is close to a
+``auto`` fits every model (``ref`` only when row prediction would touch enough rows) and keeps
+the shortest code, running the coder only on models whose bounded length can still win. On the bench checkpoint's int6 RTN symbols each column is close to a
 discretized Gaussian (the heavy tails of a whole tensor come from columns of different scale),
 so the parametric tables cost within 0.1% of per-column empirical ones and need no storage.
 
@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import constriction
 import numpy as np
 
+from ..kernels.anslen import ans_words_bounds
+from ..kernels.ctxsort import escape_parts, pack_mantissas, stable_order
+from ..kernels.rowcost import row_costs
 from .entropy_decode import (  # noqa: F401  (entropy_decode re-exported for callers of both sides)
     _BUCKETS,
     _MODEL_ID,
@@ -59,7 +62,6 @@ from .entropy_decode import (  # noqa: F401  (entropy_decode re-exported for cal
     _residual_range,
     _roff_sizes,
     _shape2d,
-    _sort_order,
     _Spec,
     _split,
     _vshapes,
@@ -74,6 +76,7 @@ from .entropy_models import (
     axis_hists,
     choose_table,
     cost_bits,
+    effective_probs,
     fit_lines,
     fit_rc_offsets,
     fit_row_prediction,
@@ -147,18 +150,6 @@ def _escape_parts(v: np.ndarray, core: Core) -> tuple[np.ndarray, np.ndarray]:
     w = np.where(v < core.clo, core.clo - v, v - core.chi).astype(np.int64)
     b = _bit_length_minus1(w)
     return b, w - (np.int64(1) << b)
-
-
-def _pack_mantissas(buckets: np.ndarray, mant: np.ndarray) -> bytes:
-    order = np.argsort(buckets, kind="stable")
-    b, m = buckets[order], mant[order]
-    parts = []
-    for k in np.unique(b):
-        if k == 0:
-            continue
-        sel = m[b == k]
-        parts.append(((sel[:, None] >> np.arange(k - 1, -1, -1)[None, :]) & 1).astype(np.uint8).ravel())
-    return np.packbits(np.concatenate(parts)).tobytes() if parts else b""
 
 
 def _vsplit(mats: list[np.ndarray], layout) -> list[np.ndarray]:
@@ -239,8 +230,8 @@ def _fit_row(ys: list[np.ndarray], core: Core) -> _Spec:
     return _Spec("row", p, side=side)
 
 
-def _kmeans_rows(x: np.ndarray, k: int, iters: int = 12) -> np.ndarray:
-    """Deterministic k-means on rows, seeded by quantiles of the top principal direction.
+def _row_projection(x: np.ndarray) -> np.ndarray:
+    """Each row's coordinate along the top principal direction (power iteration).
 
     Products go through ``einsum`` rather than BLAS: these matrix-vector sizes are far below
     where threads pay off, and a multi-threaded BLAS on a busy machine is many times slower.
@@ -253,7 +244,13 @@ def _kmeans_rows(x: np.ndarray, k: int, iters: int = 12) -> np.ndarray:
         if nv == 0:
             break
         v /= nv
-    proj = np.einsum("rc,c->r", xc, v)
+    return np.einsum("rc,c->r", xc, v)
+
+
+def _kmeans_rows(x: np.ndarray, k: int, iters: int = 12, proj: np.ndarray | None = None) -> np.ndarray:
+    """Deterministic k-means on rows, seeded by quantiles of ``proj`` (default: the rows' top
+    principal coordinate, which does not depend on k, so callers trying several k pass it)."""
+    proj = _row_projection(x) if proj is None else proj
     label = np.minimum((np.argsort(np.argsort(proj, kind="stable"), kind="stable") * k) // len(proj), k - 1)
     sq = np.einsum("rc,rc->r", x, x)
     for _ in range(iters):
@@ -267,18 +264,27 @@ def _kmeans_rows(x: np.ndarray, k: int, iters: int = 12) -> np.ndarray:
 
 
 def _row_costs(y: np.ndarray, cache: CostCache, s: np.ndarray, m: np.ndarray) -> np.ndarray:
-    cst = cache.costs(np.stack([s, m], axis=1))  # (C, n)
-    return cst[np.arange(y.shape[1])[None, :], y].sum(axis=1)
+    return row_costs(y, cache.costs(np.stack([s, m], axis=1)))  # costs: (C, n)
 
 
 def _fit_classes(
-    ys: list[np.ndarray], core: Core, param: Param, k: int, rounds: int = 3
+    ys: list[np.ndarray], core: Core, param: Param, k: int, rounds: int = 3, seeds: dict | None = None
 ) -> tuple[float, np.ndarray, list[np.ndarray]]:
-    """Row classes (each with its own column parameters) by k-means, then by code length."""
+    """Row classes (each with its own column parameters) by k-means, then by code length.
+    ``seeds`` keeps each tensor's row values and principal coordinates across calls (any k)."""
     values = core.values()
     cache = CostCache(param, core.clo, core.chi, core.esc)
     shapes = [y.shape for y in ys]
-    labels = [_kmeans_rows(values[y], k) if y.shape[0] >= 2 * k and y.shape[1] else np.zeros(y.shape[0], np.int64) for y in ys]
+    seeds = {} if seeds is None else seeds
+    labels = []
+    for t, y in enumerate(ys):
+        if y.shape[0] >= 2 * k and y.shape[1]:
+            if t not in seeds:
+                x = values[y]
+                seeds[t] = (x, _row_projection(x))
+            labels.append(_kmeans_rows(seeds[t][0], k, proj=seeds[t][1]))
+        else:
+            labels.append(np.zeros(y.shape[0], np.int64))
     best = None
     for it in range(rounds + 1):
         rowclass = _cat(labels)
@@ -313,10 +319,11 @@ def _fit_col(ys: list[np.ndarray], core: Core, try_classes: bool = True) -> tupl
     if not try_classes:
         return best
     # More row classes only pay when the previous count already did.
+    seeds: dict = {}
     for k in range(2, MAX_CLASSES + 1):
         if not any(y.shape[0] >= 2 * k for y in ys):
             break
-        c, rowclass, side = _fit_classes(ys, core, p, k)
+        c, rowclass, side = _fit_classes(ys, core, p, k, seeds=seeds)
         if c >= best[0]:
             break
         best = (c, _Spec("col", p, nclass=k, rowclass=rowclass, side=side))
@@ -422,6 +429,9 @@ class EntropyModel:
     vys: list[np.ndarray]
     vctx: list[np.ndarray]
     weights: np.ndarray
+    # Derived once per model (symbol order, escapes, assembled segments): bits() and encode()
+    # both need them, and each costs passes over every symbol.
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def model(self) -> str:
@@ -486,10 +496,25 @@ class EntropyModel:
         """(buckets, mantissas) of escaped values in ANS decode order, or None without escapes."""
         if not self.core.esc:
             return None
-        order = self._order()
-        fy = _cat([y.ravel() for y in self.vys])[order]
-        vals = _cat([(self.coded[t] if idx is None else self.coded[t][idx]).ravel() for t, idx in self.layout])[order]
-        return _escape_parts(vals[fy >= self.core.ncore], self.core)
+        if "esc" not in self._memo:
+            order, fy = self._sorted()
+            at = order[fy >= self.core.ncore]  # flat positions of the escapes, in decode order
+            self._memo["esc"] = escape_parts(self._flat_coded(at), self.core.clo, self.core.chi)
+        return self._memo["esc"]
+
+    def _flat_coded(self, at: np.ndarray) -> np.ndarray:
+        """Coded values at flat positions ``at`` of the virtual tensors (concatenated, row-major),
+        gathered without concatenating every value."""
+        sizes = [y.size for y in self.vys]
+        starts = np.cumsum([0] + sizes)
+        vt = np.searchsorted(starts, at, side="right") - 1
+        out = np.empty(at.shape, np.int64)
+        for i, (t, idx) in enumerate(self.layout):
+            sel = np.flatnonzero(vt == i)
+            if sel.size:
+                r, c = np.divmod(at[sel] - starts[i], self.vys[i].shape[1])
+                out[sel] = self.coded[t][r if idx is None else idx[r], c]
+        return out
 
     def _bucket_table(self) -> np.ndarray | None:
         e = self._escapes()
@@ -501,11 +526,22 @@ class EntropyModel:
         t = self._bucket_table()
         return np.full(_BUCKETS, 8.0) if t is None else cost_bits(t)[0]
 
-    def _order(self) -> np.ndarray:
-        return _sort_order(_flat_ctx(self.vctx, self._vshapes()), self.weights.shape[0])
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, symbols in that order): every symbol grouped by context, stably (the order
+        ``entropy_decode``'s ``_sort_order`` rebuilds), by a counting sort."""
+        if "order" not in self._memo:
+            order = stable_order(_flat_ctx(self.vctx, self._vshapes()), self.weights.shape[0])
+            self._memo["order"] = (order, _cat([y.ravel() for y in self.vys])[order])
+        return self._memo["order"]
 
     def _assemble(self) -> tuple[bytes, bytes, list[_Segment]]:
         """Header bits, escape mantissa bytes and the ANS segments in decode order."""
+        if "asm" not in self._memo:
+            self._memo["asm"] = self._assemble_uncached()
+            self._memo.pop("order", None)  # a symbol-sized index nothing needs once assembled
+        return self._memo["asm"]
+
+    def _assemble_uncached(self) -> tuple[bytes, bytes, list[_Segment]]:
         bw = BitWriter()
         spec = self.spec
         nsym = sum(r * c for r, c in self.shapes)
@@ -549,8 +585,7 @@ class EntropyModel:
                 keep = sizes >= 2
                 if keep.any():
                     segs.append(_Segment(roff[keep].astype(np.int32), sizes=sizes[keep].astype(np.int32)))
-        order = self._order()
-        fy = _cat([y.ravel() for y in self.vys])[order]
+        _, fy = self._sorted()
         counts = np.bincount(_flat_ctx(self.vctx, self._vshapes()), minlength=self.weights.shape[0])
         ends = np.cumsum(counts)
         for j in range(len(counts)):
@@ -564,16 +599,23 @@ class EntropyModel:
                 table = choose_table(np.bincount(buckets, minlength=_BUCKETS))[0]
                 write_table(bw, table)
                 segs.append(_Segment(buckets.astype(np.int32), weights=table[None, :].astype(np.float64)))
-                esc_bytes = _pack_mantissas(buckets, mant)
+                esc_bytes = pack_mantissas(buckets, mant)
         return bw.getvalue(), esc_bytes, segs
 
     def bits(self) -> float:
         """Predicted size of ``encode()`` in bits (exact side information, ideal ANS rate)."""
         side, esc, segs = self._assemble()
         ans = sum(s.bits() for s in segs)
-        ans_bytes = 4 * int(np.ceil(ans / 32.0)) if ans > 0 else 0
-        payload = len(_varint(len(side))) + len(side) + len(_varint(len(esc))) + len(esc) + ans_bytes
-        return 8.0 * (len(MAGIC) + 2 + len(_varint(payload)) + 4 + payload)
+        return 8.0 * _buffer_size(side, esc, 4 * int(np.ceil(ans / 32.0)) if ans > 0 else 0)
+
+    def size_bounds(self) -> tuple[int, int] | None:
+        """(lo, hi): ``len(encode())`` certainly lies in [lo, hi] (header and escapes exact, ANS
+        words bounded by ``kernels.anslen``); None when a segment is coded uniformly (``ref``)."""
+        side, esc, segs = self._assemble()
+        if any(s.weights is None for s in segs):
+            return None
+        lo, hi = ans_words_bounds([(s.symbols, _coder_probs(s.weights)) for s in segs])
+        return _buffer_size(side, esc, 4 * lo), _buffer_size(side, esc, 4 * hi)
 
     def encode(self) -> bytes:
         side, esc, segs = self._assemble()
@@ -589,10 +631,55 @@ class EntropyModel:
         return head + struct.pack("<I", zlib.crc32(payload)) + payload
 
 
-def _make(spec: _Spec, core: Core, lo: int, hi: int, coded: list[np.ndarray]) -> EntropyModel:
+def _coder_probs(weights: np.ndarray) -> np.ndarray:
+    # The probabilities ``_categorical`` hands constriction for this table.
+    p = effective_probs(weights)[0]
+    return np.array([1.0, 0.0]) if p.size == 1 else p
+
+
+def _buffer_size(side: bytes, esc: bytes, ans_bytes: int) -> int:
+    """Length of the buffer ``encode()`` writes around these parts (see the module docstring)."""
+    payload = len(_varint(len(side))) + len(side) + len(_varint(len(esc))) + len(esc) + ans_bytes
+    return len(MAGIC) + 2 + len(_varint(payload)) + 4 + payload
+
+
+def _shortest(fits: list[EntropyModel]) -> tuple[bytes, EntropyModel] | None:
+    """The shortest encoding of the fits (the first on a tie), running the coder only on the
+    fits that can be shortest: one whose length is surely above another's upper bound is
+    strictly longer than that one, so it can neither win nor tie."""
+    if len(fits) == 1:
+        return fits[0].encode(), fits[0]
+    bounds = [f.size_bounds() for f in fits]
+    known = [b[1] for b in bounds if b is not None]
+    cap = min(known) if known else None
+    best: tuple[bytes, EntropyModel] | None = None
+    for f, b in zip(fits, bounds):
+        if b is not None and cap is not None and b[0] > cap:
+            continue
+        buf = f.encode()
+        if b is not None and not b[0] <= len(buf) <= b[1]:
+            # The installed constriction codes unlike the replica the bounds rest on (another
+            # version?): they prove nothing then, so every fit is encoded.
+            return _encode_all(fits)
+        if best is None or len(buf) < len(best[0]):
+            best = (buf, f)
+    return best
+
+
+def _encode_all(fits: list[EntropyModel]) -> tuple[bytes, EntropyModel] | None:
+    best: tuple[bytes, EntropyModel] | None = None
+    for f in fits:
+        buf = f.encode()
+        if best is None or len(buf) < len(best[0]):
+            best = (buf, f)
+    return best
+
+
+def _make(spec: _Spec, core: Core, lo: int, hi: int, coded: list[np.ndarray], ys: list[np.ndarray]) -> EntropyModel:
+    """The model of ``coded``, whose alphabet indices under ``core`` are ``ys`` (shared by fits)."""
     shapes = [m.shape for m in coded]
     layout = _layout(shapes, spec.rowclass, spec.nclass)
-    vys = [_to_alphabet(m, core) for m in _vsplit(coded, layout)]
+    vys = _vsplit(ys, layout)
     vctx, weights = _build(spec, [y.shape for y in vys], core)
     return EntropyModel(spec, core, lo, hi, shapes, coded, layout, vys, vctx, weights)
 
@@ -624,7 +711,7 @@ def _fit_ref(mats: list[np.ndarray], lo: int, hi: int, min_share: float = 0.0) -
     _, col = _fit_col(ys, core)
     spec = _fit_rc(ys, core, col, "ref")
     spec.pred = preds
-    return _make(spec, core, lo, hi, res)
+    return _make(spec, core, lo, hi, res, ys)
 
 
 def fit_models(
@@ -658,30 +745,24 @@ def fit_models(
         else:
             col = col if col is not None else _fit_col(ys, core)[1]
             spec = col if name == "col" else _fit_rc(ys, core, col)
-        out[name] = _make(spec, core, lo, hi, mats)
+        out[name] = _make(spec, core, lo, hi, mats, ys)
     return [out[m] for m in models if m in out]
 
 
 def fit_model(arrays: Sequence[np.ndarray], lo: int, hi: int, model: str = "auto") -> EntropyModel:
     """The fitted model ``entropy_encode`` would use (for ``auto``: the smallest coded size)."""
     if model == "auto":
-        fits = fit_models(arrays, lo, hi, auto=True)
-        sizes = [len(f.encode()) for f in fits]
-        return fits[int(np.argmin(sizes))]
+        return _shortest(fit_models(arrays, lo, hi, auto=True))[1]
     return fit_models(arrays, lo, hi, [model])[0]
 
 
 def entropy_encode_model(arrays: Sequence[np.ndarray], lo: int, hi: int, model: str = "auto") -> tuple[bytes, str]:
     """:func:`entropy_encode` and the model it used (``auto``: the shortest, first on a tie)."""
     fits = fit_models(arrays, lo, hi, auto=True) if model == "auto" else fit_models(arrays, lo, hi, [model])
-    best: tuple[bytes, str] | None = None
-    for f in fits:
-        buf = f.encode()
-        if best is None or len(buf) < len(best[0]):
-            best = (buf, f.model)
+    best = _shortest(fits)
     if best is None:
         raise ValueError(f"entropy model {model!r} cannot code this group (symbol range too wide)")
-    return best
+    return best[0], best[1].model
 
 
 def entropy_encode(arrays: Sequence[np.ndarray], lo: int, hi: int, model: str = "auto") -> bytes:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.ctxsort import line_hists
+from ..kernels.rowcost import best_prior_rho2, offset_pass
+from ..kernels.tablebits import table_bits
 from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part of this module's API)
     ANS_PRECISION,
     FAMILIES,
@@ -66,13 +69,7 @@ def hist_cost_bits(counts: np.ndarray, table: np.ndarray) -> float:
 
 def axis_hists(ys: list[np.ndarray], n: int, axis: int) -> list[np.ndarray]:
     """Per-column (axis=1) or per-row (axis=0) histograms (lines, n) of alphabet indices."""
-    out = []
-    for y in ys:
-        yy = y if axis == 1 else y.T
-        r, c = yy.shape
-        idx = yy.astype(np.int64) + (np.arange(c, dtype=np.int64) * n)[None, :]
-        out.append(np.bincount(idx.ravel(), minlength=c * n).reshape(c, n))
-    return out
+    return [line_hists(y, n, axis) for y in ys]
 
 
 def _moments(h: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,16 +84,28 @@ class CostCache(TableCache):
 
     def __init__(self, param: Param, clo: int, chi: int, esc: bool):
         super().__init__(param, clo, chi, esc)
-        self._c: dict[tuple[int, int], np.ndarray] = {}
+        # Rows live in one growing array (capacity doubles) so a lookup is one gather.
+        self._row: dict[tuple[int, int], int] = {}
+        self._rows = np.zeros((0, 0))
+        self._n = 0
 
     def costs(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
-        missing = [tuple(k) for k in pair_codes(keys)[0].tolist() if tuple(k) not in self._c]
+        kl = list(map(tuple, keys.tolist()))
+        # Rows depend only on their own key, so the batch (and its order) is free to choose.
+        missing = [k for k in dict.fromkeys(kl) if k not in self._row]
         if missing:
-            c = cost_bits(self.weights(np.array(missing)))
-            for k, row in zip(missing, c):
-                self._c[k] = row
-        return np.stack([self._c[tuple(k)] for k in keys.tolist()])
+            c = cost_bits(self.weights(np.array(missing, dtype=np.int64)))
+            if self._n + len(missing) > len(self._rows):
+                grown = np.zeros((max(2 * len(self._rows), self._n + len(missing), 64), c.shape[1]))
+                if self._n:
+                    grown[: self._n] = self._rows[: self._n]
+                self._rows = grown
+            self._rows[self._n: self._n + len(missing)] = c
+            for i, k in enumerate(missing):
+                self._row[k] = self._n + i
+            self._n += len(missing)
+        return self._rows[[self._row[k] for k in kl]]
 
 
 def initial_scale_index(h: np.ndarray, values: np.ndarray, q: int, s_min: int, s_max: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,15 +210,6 @@ class BitWriter:
         return int(s, 2).to_bytes(len(s) // 8, "big")
 
 
-def _eg_len(v: np.ndarray, k: int) -> np.ndarray:
-    w = np.asarray(v, dtype=np.int64) + (1 << k)
-    top = np.floor(np.log2(w)).astype(np.int64)
-    # Float log2 can be off by one next to a power of two; settle it on the integers.
-    top = np.where((w >> top) == 0, top - 1, top)
-    top = np.where((w >> (top + 1)) > 0, top + 1, top)
-    return 2 * (top - k) + k + 1
-
-
 def _table_tokens(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nonzero entries and zero runs: (values, runs) where run > 0 marks a zero run."""
     t = np.asarray(t, dtype=np.int64).reshape(-1)
@@ -227,27 +227,6 @@ def _table_tokens(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         end = np.full(pos.shape, n)
     zp = zero[pos]
     return np.where(zp, 0, t[pos]), np.where(zp, end - pos, 0).astype(np.int64)
-
-
-_EG_ORDERS = np.arange(25, dtype=np.int64)
-
-
-def table_bits(t: np.ndarray) -> tuple[int, int]:
-    """(bits, order k) of the cheapest Exp-Golomb coding of a count table (5 bits for k)."""
-    vals, runs = _table_tokens(t)
-    if len(vals) == 0:
-        return 5, 0
-    run_bits = int(_eg_len(runs[runs > 0] - 1, 0).sum())
-    # Every order at once (one array op instead of one per k); the scan below keeps the first
-    # minimum before the length starts growing, as the Exp-Golomb length is unimodal in k.
-    lens = (_eg_len(vals[None, :], _EG_ORDERS[:, None]).sum(axis=1) + run_bits + 5).tolist()
-    best = None
-    for k, b in enumerate(lens):
-        if best is None or b < best[0]:
-            best = (b, k)
-        elif b > best[0]:
-            break
-    return best
 
 
 def write_table(bw: BitWriter, t: np.ndarray) -> None:
@@ -372,9 +351,8 @@ def single_ref_share(x: np.ndarray, block: int = 512) -> float:
     for b0 in range(0, rows, block):
         b1 = min(rows, b0 + block)
         gram = (xf[:b1] @ xf[b0:b1].T).astype(np.float64)
-        mask = np.arange(b1)[:, None] < np.arange(b0, b1)[None, :]  # earlier rows only
-        rho2 = np.where(mask, gram**2 / np.maximum(np.outer(nrm[:b1], nrm[b0:b1]), 1e-9), 0.0)
-        best = np.clip(rho2.max(axis=0), 0.0, 1.0)  # float32 Gram entries can overshoot slightly
+        # Earlier rows only; clipped, as float32 Gram entries can overshoot slightly.
+        best = best_prior_rho2(gram, nrm, b0)
         e = nrm[b0:b1] * (1 - best) + cols / 12.0  # the rounded prediction adds 1/12 per symbol
         gain = 0.5 * cols * np.log2((nrm[b0:b1] + floor) / (e + floor)) - np.log2(np.arange(b0, b1) + 1) - 5.5
         hits += int((gain > 0).sum())
@@ -394,7 +372,7 @@ def fit_rc_offsets(
     """Alternating ML fit of row offsets u and column scales v, key (u_r + v_c, m_c).
 
     Costs are gathered per symbol from one dense table over the key range, so the work is
-    O(symbols x window) per pass whatever the number of distinct keys.
+    O(symbols x window) per pass whatever the number of distinct keys (``kernels.rowcost``).
     """
     s_min, s_max = s_range
     u = [np.asarray(a, np.int64).copy() for a in u]
@@ -412,22 +390,10 @@ def fit_rc_offsets(
                 s_hi = s_lo
             grid = np.stack(np.meshgrid(np.arange(s_lo, s_hi + 1), np.arange(m_lo, m_lo + m_n), indexing="ij"), -1)
             table = cache.costs(grid.reshape(-1, 2))  # ((S * M), n)
-            n = table.shape[1]
             flat = table.ravel()
             for t, y in enumerate(ys):
-                line = u[t] if axis == 0 else v[t]
-                best_c = np.full(len(line), np.inf)
-                best_s = line.copy()
-                mrow = (m[t] - m_lo)[None, :]
-                for d in range(-window, window + 1):
-                    cand = line + d
-                    s = (cand[:, None] + v[t][None, :]) if axis == 0 else (u[t][:, None] + cand[None, :])
-                    ok = (s >= s_lo) & (s <= s_hi)
-                    idx = ((np.clip(s, s_lo, s_hi) - s_lo) * m_n + mrow) * n + y
-                    c = np.where(ok, flat[idx], 1e9).sum(axis=1 - axis)
-                    better = c < best_c
-                    best_c = np.where(better, c, best_c)
-                    best_s = np.where(better, cand, best_s)
+                line, other = (u[t], v[t]) if axis == 0 else (v[t], u[t])
+                best_s = offset_pass(y, line, other, m[t] - m_lo, flat, s_lo, s_hi, m_n, window, axis)
                 if axis == 0:
                     u[t] = best_s
                 else:
