@@ -29,6 +29,7 @@ from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part o
     effective_probs,
     family_tables,
     pair_codes,
+    param_tables,
     read_table,
     run_row_prediction,
     scale_of,
@@ -107,7 +108,10 @@ class CostCache(TableCache):
         # Rows depend only on their own key, so the batch (and its order) is free to choose.
         missing = [k for k in dict.fromkeys(kl) if k not in self._row]
         if missing:
-            c = fit_cost_bits(self.weights(np.array(missing, dtype=np.int64)))
+            # Tables in libm's exp, not the decoder's portable one: only costs are kept from
+            # them, and the portable exp was most of a wide-alphabet fit.
+            c = fit_cost_bits(param_tables(self.param, self.clo, self.chi, self.esc,
+                                           np.array(missing, dtype=np.int64), np.exp))
             if self._n + len(missing) > len(self._rows):
                 grown = np.zeros((max(2 * len(self._rows), self._n + len(missing), 64), c.shape[1]))
                 if self._n:
