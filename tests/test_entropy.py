@@ -333,3 +333,20 @@ def test_auto_falls_back_to_encoding_every_model_when_bounds_fail(monkeypatch):
     monkeypatch.setattr(E.EntropyModel, "size_bounds", lambda self: (0, 0))
     buf, model = E.entropy_encode_model(arrays, -31, 31)
     assert (len(buf), model) == (want[0], fits[want[1]].model)
+
+
+def test_fit_costs_match_the_exact_tables_closely():
+    # The fits' fast costs (libm exp, numpy sums) may differ from the coder's exact tables only
+    # in the last ulps: a search choice could flip only on a tie that close.
+    from pgolf_pack.coding.entropy_models import cost_bits, fit_cost_bits
+    from pgolf_pack.coding.entropy_tables import Param, param_tables
+
+    keys = np.array([[s, m] for s in range(-20, 60, 3) for m in (-3, 0, 5)], dtype=np.int64)
+    for param in (Param("gauss", 8, 0), Param("laplace", 4, 2), Param("gauss", 8, 4)):
+        exact = param_tables(param, -300, 300, True, keys)
+        fast = param_tables(param, -300, 300, True, keys, np.exp)
+        # Masses are differences of tails, so tiny ones lose relative precision; below 2**-24 the
+        # coder floors them anyway.
+        big = exact > 2.0**-24
+        assert np.allclose(fast[big], exact[big], rtol=1e-9, atol=0)
+        assert np.abs(fit_cost_bits(fast) - cost_bits(exact)).max() < 1e-9

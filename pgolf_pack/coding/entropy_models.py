@@ -29,6 +29,7 @@ from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part o
     effective_probs,
     family_tables,
     pair_codes,
+    param_tables,
     read_table,
     run_row_prediction,
     scale_of,
@@ -37,6 +38,18 @@ from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part o
 def cost_bits(weights: np.ndarray) -> np.ndarray:
     """-log2 of the effective probabilities (encoder-side only; may use libm)."""
     return -np.log2(effective_probs(weights))
+
+
+def fit_cost_bits(weights: np.ndarray) -> np.ndarray:
+    """:func:`cost_bits` with numpy's own row sums instead of exactly rounded ones, for the fits'
+    search only: a candidate's cost moves by a few ulps (1e-16 relative), far below any gap the
+    search decides on, while fsum over Python lists was the fits' largest cost on wide alphabets.
+    The coded bytes, their size estimate and the decoder keep the exact tables."""
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    tot = w.sum(axis=1, keepdims=True)
+    p = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / w.shape[1])
+    p = np.maximum(p, 2.0**-ANS_PRECISION)
+    return -np.log2(p / p.sum(axis=1, keepdims=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +108,10 @@ class CostCache(TableCache):
         # Rows depend only on their own key, so the batch (and its order) is free to choose.
         missing = [k for k in dict.fromkeys(kl) if k not in self._row]
         if missing:
-            c = cost_bits(self.weights(np.array(missing, dtype=np.int64)))
+            # Tables in libm's exp, not the decoder's portable one: only costs are kept from
+            # them, and the portable exp was most of a wide-alphabet fit.
+            c = fit_cost_bits(param_tables(self.param, self.clo, self.chi, self.esc,
+                                           np.array(missing, dtype=np.int64), np.exp))
             if self._n + len(missing) > len(self._rows):
                 grown = np.zeros((max(2 * len(self._rows), self._n + len(missing), 64), c.shape[1]))
                 if self._n:

@@ -45,42 +45,45 @@ def det_exp(x: np.ndarray) -> np.ndarray:
     return np.ldexp(p, k.astype(np.int64))
 
 
-def det_erfc(z: np.ndarray) -> np.ndarray:
-    """erfc(z) for z >= 0, deterministic (fractional error < 1.2e-7)."""
+def det_erfc(z: np.ndarray, exp=det_exp) -> np.ndarray:
+    """erfc(z) for z >= 0, deterministic (fractional error < 1.2e-7) with the default ``exp``."""
     z = np.asarray(z, dtype=np.float64)
     t = 1.0 / (1.0 + 0.5 * z)
     p = np.full_like(t, _ERFC_COEF[9])
     for c in _ERFC_COEF[8::-1]:
         p = p * t + c
-    return t * det_exp(-z * z + p)
+    return t * exp(-z * z + p)
 
 
-def _upper_tail(family: str, z: np.ndarray) -> np.ndarray:
+def _upper_tail(family: str, z: np.ndarray, exp=det_exp) -> np.ndarray:
     """P(X > z) for z >= 0 of the unit-scale family."""
     if family == "gauss":
-        return 0.5 * det_erfc(z * _SQRT1_2)
+        return 0.5 * det_erfc(z * _SQRT1_2, exp)
     if family == "laplace":
-        return 0.5 * det_exp(-z)
+        return 0.5 * exp(-z)
     raise ValueError(f"unknown family {family!r}")
 
 
-def scale_of(s: np.ndarray, q: int) -> np.ndarray:
-    """Scale 2**(s/q) of integer scale indices, deterministic."""
-    return det_exp(np.asarray(s, dtype=np.float64) / q * (_LN2_HI + _LN2_LO))
+def scale_of(s: np.ndarray, q: int, exp=det_exp) -> np.ndarray:
+    """Scale 2**(s/q) of integer scale indices, deterministic with the default ``exp``."""
+    return exp(np.asarray(s, dtype=np.float64) / q * (_LN2_HI + _LN2_LO))
 
 
-def family_tables(family: str, sigma: np.ndarray, mu: np.ndarray, clo: int, chi: int, esc: bool) -> np.ndarray:
+def family_tables(family: str, sigma: np.ndarray, mu: np.ndarray, clo: int, chi: int, esc: bool,
+                  exp=det_exp) -> np.ndarray:
     """Probabilities (K, n) of the discretized family on core values clo..chi (+ 2 escape tails).
 
     Column i < chi-clo+1 is the mass of [clo+i-0.5, clo+i+0.5); with ``esc`` the last two columns
-    hold the mass below and above the core, which the escape symbols carry.
+    hold the mass below and above the core, which the escape symbols carry. The decoder's tables
+    use the default ``exp`` (:func:`det_exp`, the same bits everywhere); the encoder's fits may
+    pass ``np.exp``, whose last-ulp differences only move a cost estimate.
     """
     sigma = np.asarray(sigma, dtype=np.float64).reshape(-1, 1)
     mu = np.asarray(mu, dtype=np.float64).reshape(-1, 1)
     edges = np.arange(clo, chi + 2, dtype=np.float64) - 0.5
     z = (edges[None, :] - mu) / sigma
     # Masses from whichever tail is small keep full relative precision far from the mean.
-    tz = _upper_tail(family, np.abs(z))
+    tz = _upper_tail(family, np.abs(z), exp)
     a, b = z[:, :-1], z[:, 1:]
     ta, tb = tz[:, :-1], tz[:, 1:]
     mass = np.where(a >= 0, ta - tb, np.where(b <= 0, tb - ta, 1.0 - ta - tb))
@@ -120,13 +123,13 @@ class Param:
     m: int = 0
 
 
-def param_tables(param: Param, clo: int, chi: int, esc: bool, keys: np.ndarray) -> np.ndarray:
+def param_tables(param: Param, clo: int, chi: int, esc: bool, keys: np.ndarray, exp=det_exp) -> np.ndarray:
     """(K, n) weights for (scale index, mean index) keys (K, 2). Every row depends on its own key
     only (elementwise IEEE operations), so tables computed in any batches are bit-identical."""
     keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
-    sig = scale_of(keys[:, 0], param.q)
+    sig = scale_of(keys[:, 0], param.q, exp)
     mu = keys[:, 1] / param.m if param.m else np.zeros(len(keys))
-    return family_tables(param.family, sig, mu, clo, chi, esc)
+    return family_tables(param.family, sig, mu, clo, chi, esc, exp)
 
 
 class TableCache:
