@@ -5,8 +5,8 @@ the adapter's loss, so it works for any architecture the adapter builds."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
