@@ -394,5 +394,14 @@ def nll_sum(module: nn.Module, x: Tensor, y: Tensor, autocast_bf16: bool = False
     return float(F.cross_entropy(t.float(), y.reshape(-1).to(device), reduction="sum").double()), int(t.size(-1))
 
 
+def loss_sum(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Summed next-token loss in nats over ``y.numel()`` targets as a 0-d tensor that keeps the
+    autograd graph (what :func:`nll_sum` returns as a float), for gradients of the loss."""
+    kind, t = as_loss_or_logits(call_model(module, x, y), x)
+    if kind == "loss":
+        return t.float() * y.numel()
+    return F.cross_entropy(t.float(), y.reshape(-1).to(x.device), reduction="sum")
+
+
 def module_device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))

@@ -27,6 +27,8 @@ def sensitivity(
     seed: int = typer.Option(0, help="seed for picking the scoring window"),
     min_numel: int = typer.Option(DEFAULT_MIN_NUMEL, help="matrices with fewer elements stay in float in quantize, "
                                   "so they are not measured (match quantize's --min-numel)"),
+    guide: bool = typer.Option(True, "--guide/--no-guide", help="skip ladder steps a loss-curvature estimate says "
+                               "would change the loss too little to count (the measurement still decides)"),
     device: str = DeviceOpt,
     model: Optional[str] = ModelOpt,
     model_class: Optional[str] = ModelClassOpt,
@@ -66,16 +68,17 @@ def sensitivity(
     t0 = time.perf_counter()
     with progress(not json_out, len(todo), "sensitivity") as step:
         sens = measure_sensitivity(loaded, H, window, counts, seqs, seq_len, min_numel=min_numel, names=list(sd),
-                                   on_tensor=lambda n, r: step(n))
+                                   on_tensor=lambda n, r: step(n), guide=guide)
     atomic_write_bytes(output, (json.dumps(sens.to_json(), indent=1) + "\n").encode())
     dt = time.perf_counter() - t0
     if json_out:
         print_json({"output": str(output), "tensors": len(sens.tensor), "tokens": sens.tokens, "seconds": dt,
+                    "forwards": sens.forwards, "skipped": sens.skipped,
                     "sensitivity": sens.to_json(), **({"model": loaded.to_dict()} if model is not None else {})})
         return
     vals = sorted(sens.tensor.items(), key=lambda kv: -kv[1])
-    console.print(f"{model_line(loaded, model)}wrote {output}: {len(vals)} matrices, {fmt_int(sens.tokens)} tokens, {dt:.1f} s",
-                  markup=False)
+    console.print(f"{model_line(loaded, model)}wrote {output}: {len(vals)} matrices, {fmt_int(sens.tokens)} tokens, "
+                  f"{sens.forwards} scoring passes ({sens.skipped} steps skipped), {dt:.1f} s", markup=False)
     if vals:
         console.print(f"most sensitive {vals[0][0]} {vals[0][1]:.3g}; least {vals[-1][0]} {vals[-1][1]:.3g} "
                       f"(span ×{vals[0][1] / max(vals[-1][1], 1e-300):.3g})")
