@@ -262,7 +262,7 @@ def _symbol_group(arr: np.ndarray):
 
 
 def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
-    from pgolf_pack.pack.packer import (_SAMPLE_MARGIN, _SLOW_OVER_FAST_MIN, Group, _Slice, _best_layout, _hopeless,
+    from pgolf_pack.pack.packer import (_SAMPLE_MARGIN, _SAMPLE_MIN, _SCREEN_MIN, _SLOW_OVER_FAST_MIN, Group, _Slice, _best_layout, _hopeless,
                                         _laid_out, encode_group)
 
     rng = np.random.default_rng(3)
@@ -292,5 +292,10 @@ def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
     payload, desc = encode_group(g, "auto-fast")
     assert desc["codec"] != "entropy" and len(payload) < len(ent) / 10
     # Small groups are never sampled: every codec runs.
-    small = _symbol_group(iid[:64])
+    small = _symbol_group(iid[:32])
     assert not _hopeless("zstd", _laid_out(small, _best_layout(small)), 1)
+    # A group between the screening and the sampling size is screened by zstd-3 on all of it.
+    mid = _symbol_group(iid[:600])
+    mid_laid = _laid_out(mid, _best_layout(mid, sampled=True))
+    assert _SCREEN_MIN <= len(mid_laid) < _SAMPLE_MIN
+    assert _hopeless("brotli", mid_laid, 1) and not _hopeless("brotli", mid_laid, 10 * len(mid_laid))

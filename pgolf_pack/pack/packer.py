@@ -162,7 +162,9 @@ def _encode_with(desc: dict, g: Group, laid: bytes | None = None) -> tuple[bytes
     return c.encode(laid if laid is not None else _laid_out(g, Layout.from_dict(desc["layout"]))), desc
 
 
-def _best_layout(g: Group) -> Layout:
+def _best_layout(g: Group, sampled: bool = False) -> Layout:
+    """The layout a fast zstd codes smallest; ``sampled`` (auto-fast) ranks a large group's
+    layouts on their :class:`_Slice` instead of the whole (an eighth of the cost)."""
     cands = candidate_layouts(g.arrays[0].dtype.str, g.lo, g.hi, max(_as_2d(a).shape[0] for a in g.arrays))
     if len(cands) == 1:
         return cands[0]
@@ -170,7 +172,12 @@ def _best_layout(g: Group) -> Layout:
     import zstandard
 
     proxy = zstandard.ZstdCompressor(level=6)
-    sizes = [len(proxy.compress(_laid_out(g, lay))) for lay in cands]
+
+    def size(lay: Layout) -> int:
+        data = _laid_out(g, lay)
+        return len(proxy.compress(_Slice.sample(data) if sampled and len(data) >= _SAMPLE_MIN else data))
+
+    sizes = [size(lay) for lay in cands]
     return cands[int(np.argmin(sizes))]
 
 
@@ -187,6 +194,8 @@ _SAMPLE_MARGIN = 1.03
 # smallest ratio slow/fast was 0.747 (brotli on an ECSQ group), most were 0.85-1.0.
 _FAST_LEVEL = 3
 _SLOW_OVER_FAST_MIN = 0.70
+# Groups under the sampling size but over this one are screened by zstd-3 on the whole of them.
+_SCREEN_MIN = 1 << 16
 
 
 class _Slice:
@@ -197,20 +206,27 @@ class _Slice:
     def __init__(self, data: bytes) -> None:
         import zstandard
 
-        k, n = 16, max(_SAMPLE_MIN // 2, len(data) // 8) // 16
-        step = (len(data) - n) // (k - 1)
-        self.data = b"".join(data[i * step:i * step + n] for i in range(k))
+        # A group under the sampling size is its own slice: the fast coder still screens it.
+        self.data = self.sample(data) if len(data) >= _SAMPLE_MIN else data
         self.scale = len(data) / len(self.data)
         self.fast = len(zstandard.ZstdCompressor(level=_FAST_LEVEL).compress(self.data)) * self.scale
+
+    @staticmethod
+    def sample(data: bytes) -> bytes:
+        k, n = 16, max(_SAMPLE_MIN // 2, len(data) // 8) // 16
+        step = (len(data) - n) // (k - 1)
+        return b"".join(data[i * step:i * step + n] for i in range(k))
 
 
 def _hopeless(codec: str, data: bytes, best: int, piece: _Slice | None = None) -> bool:
     """Whether ``codec`` on the laid-out group ``data`` is clearly bigger than ``best`` bytes."""
-    if len(data) < _SAMPLE_MIN:
-        return False
+    if len(data) < _SCREEN_MIN:
+        return False  # where zstd-3 has too little to work on for its size to bound the others
     piece = piece or _Slice(data)
     if _SLOW_OVER_FAST_MIN * piece.fast > _SAMPLE_MARGIN * best:
         return True
+    if len(data) < _SAMPLE_MIN:
+        return False  # small enough to run the codec itself
     return len(codecs.compress(codec, piece.data)) * piece.scale > _SAMPLE_MARGIN * best
 
 
@@ -228,7 +244,7 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
             options.append({"codec": c.name})
         else:
             if layout is None:
-                layout = _best_layout(g)
+                layout = _best_layout(g, sampled=codec == "auto-fast")
             options.append({"codec": c.name, "layout": layout.to_dict()})
     best: tuple[bytes, dict] | None = None
     laid: bytes | None = None  # every byte codec gets the same layout: encode it once
@@ -236,7 +252,7 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
     for desc in options:
         if "layout" in desc and laid is None:
             laid = _laid_out(g, Layout.from_dict(desc["layout"]))
-        if codec == "auto-fast" and best is not None and "layout" in desc and len(laid) >= _SAMPLE_MIN:
+        if codec == "auto-fast" and best is not None and "layout" in desc and len(laid) >= _SCREEN_MIN:
             piece = piece or _Slice(laid)
             if _hopeless(desc["codec"], laid, len(best[0]), piece):
                 continue
