@@ -195,6 +195,23 @@ def test_inference_mode_caches_only_turn_the_guide_off(example):
     assert res.skipped == 0
 
 
+def test_guide_works_after_evaluate_bpb_on_the_same_model(example):
+    # evaluate_bpb scores under no_grad, so the tables it leaves cached do not switch the guide off.
+    from conftest import EX_TOKENIZER, EX_VAL
+    from pgolf_pack.calib.bpb import evaluate_bpb
+
+    model = build_model(load_checkpoint(EX_CKPT))
+    _, hs, counts, window = example
+    evaluate_bpb(model, load_tokens(EX_VAL), EX_TOKENIZER, seq_len=128, max_seqs=1)
+    names = ["tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.attn.c_k.weight", "blocks.1.attn.c_v.weight",
+             "blocks.1.mlp.proj.weight", "blocks.2.attn.c_q.weight"]
+    res = measure_sensitivity(model, hs, window, counts, seqs=2, seq_len=128, names=names, min_dloss=1e-2)
+    ref = measure_sensitivity(example[0], hs, window, counts, seqs=2, seq_len=128, names=names, min_dloss=1e-2,
+                              guide=False)
+    _same(ref, res)
+    assert res.skipped > 0
+
+
 def _custom_lm():
     spec = importlib.util.spec_from_file_location("custom_lm_for_guide", CUSTOM_LM)
     mod = importlib.util.module_from_spec(spec)

@@ -129,7 +129,9 @@ def evaluate_bpb(
     nll_total = 0.0
     byte_sum = 0
     try:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: a table the model caches during the pass (rotary) must stay
+        # usable by a later backward pass on the same module (the sensitivity guide).
+        with torch.no_grad():
             for start in range(0, total_seqs, batch_seqs):
                 stop = min(start + batch_seqs, total_seqs)
                 chunk = used[start * seq_len : stop * seq_len + 1]
