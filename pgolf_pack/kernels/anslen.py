@@ -34,6 +34,18 @@ def quantized_cdf(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return left, right - left
 
 
+def _tables(segments: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, np.ndarray, np.ndarray]:
+    """(alphabet size, left cumulatives, weights) of every segment's quantized table, padded to
+    the largest alphabet (segments × n; unused entries weigh 1 and are never coded)."""
+    n = max(len(p) for _, p in segments)
+    left = np.zeros((len(segments), n), np.int64)
+    weight = np.ones((len(segments), n), np.int64)
+    for j, (_, p) in enumerate(segments):
+        lo, w = quantized_cdf(p)
+        left[j, : len(p)], weight[j, : len(p)] = lo, w
+    return n, left, weight
+
+
 @njit(cache=True, nogil=True)
 def _ans_words_kernel(symbols, seg_start, seg_table, left, weight):
     state = np.uint64(0)
@@ -59,12 +71,7 @@ def ans_words(segments: list[tuple[np.ndarray, np.ndarray]]) -> int:
     (symbols, probabilities) segment, last segment first (so the stream decodes in list order)."""
     if not segments:
         return 0
-    n = max(len(p) for _, p in segments)
-    left = np.zeros((len(segments), n), np.int64)
-    weight = np.ones((len(segments), n), np.int64)
-    for j, (_, p) in enumerate(segments):
-        lo, w = quantized_cdf(p)
-        left[j, : len(p)], weight[j, : len(p)] = lo, w
+    _, left, weight = _tables(segments)
     sizes = [len(s) for s, _ in segments]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     syms = np.concatenate([np.asarray(s, np.int64) for s, _ in segments]) if sum(sizes) else np.zeros(0, np.int64)
@@ -104,12 +111,7 @@ def ans_words_bounds(segments: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int
     """
     if not segments:
         return 0, 0
-    n = max(len(p) for _, p in segments)
-    left = np.zeros((len(segments), n), np.int64)
-    weight = np.ones((len(segments), n), np.int64)
-    for j, (_, p) in enumerate(segments):
-        lo, w = quantized_cdf(p)
-        left[j, : len(p)], weight[j, : len(p)] = lo, w
+    n, left, weight = _tables(segments)
     sizes = np.array([len(s) for s, _ in segments], dtype=np.int64)
     total = int(sizes.sum())
     # The head is coded exactly from the stream's tail (the coder starts at the end); a short
