@@ -193,6 +193,7 @@ def test_row_costs_long_rows_use_numpy_pairwise_order():
 
 from pgolf_pack.kernels.ctxsort import (  # noqa: E402
     escape_parts,
+    escape_parts_ref,
     pack_mantissas,
     pack_mantissas_ref,
     stable_order,
@@ -219,6 +220,18 @@ def test_pack_mantissas_matches_reference(n, top, seed):
     buckets = rng.integers(0, top + 1, n)
     mant = np.array([int(rng.integers(0, 1 << int(b))) if b else 0 for b in buckets], dtype=np.int64)
     assert pack_mantissas(buckets, mant) == pack_mantissas_ref(buckets, mant)
+
+
+@SETTINGS
+@given(n=st.integers(0, 300), clo=st.integers(-50, 0), width=st.integers(0, 60), top=st.integers(0, 45),
+       seed=st.integers(0, 2**32 - 1))
+def test_escape_parts_matches_reference(n, clo, width, top, seed):
+    rng = _rng(seed)
+    chi = clo + width
+    dist = rng.integers(1, 1 << top, n, dtype=np.int64) if top else np.ones(n, np.int64)
+    v = np.where(rng.integers(0, 2, n) == 0, clo - dist, chi + dist)
+    got, want = escape_parts(v, clo, chi), escape_parts_ref(v, clo, chi)
+    assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
 
 
 def test_escape_parts_bit_lengths():

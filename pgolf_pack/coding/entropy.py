@@ -139,19 +139,6 @@ def _to_alphabet(m: np.ndarray, core: Core) -> np.ndarray:
     return y.astype(np.int32)
 
 
-def _bit_length_minus1(w: np.ndarray) -> np.ndarray:
-    b = np.floor(np.log2(w.astype(np.float64))).astype(np.int64)
-    b = np.where((w >> b) == 0, b - 1, b)
-    return np.where((w >> (b + 1)) > 0, b + 1, b)
-
-
-def _escape_parts(v: np.ndarray, core: Core) -> tuple[np.ndarray, np.ndarray]:
-    """Bucket (bit length - 1 of distance + 1) and mantissa of escaped values."""
-    w = np.where(v < core.clo, core.clo - v, v - core.chi).astype(np.int64)
-    b = _bit_length_minus1(w)
-    return b, w - (np.int64(1) << b)
-
-
 def _vsplit(mats: list[np.ndarray], layout) -> list[np.ndarray]:
     return [mats[t] if idx is None else mats[t][idx] for t, idx in layout]
 
@@ -453,7 +440,7 @@ class EntropyModel:
                 esc = y >= self.core.ncore
                 if esc.any():
                     vals = self.coded[t] if idx is None else self.coded[t][idx]
-                    b, _ = _escape_parts(vals[esc], self.core)
+                    b, _ = escape_parts(vals[esc], self.core.clo, self.core.chi)
                     bits = bits.copy()
                     bits[esc] += bucket[b] + b
             if idx is None:
@@ -481,7 +468,7 @@ class EntropyModel:
         if self.core.esc:
             esc = (y >= self.core.ncore) & inside
             if esc.any():
-                b, _ = _escape_parts(v[esc], self.core)
+                b, _ = escape_parts(v[esc], self.core.clo, self.core.chi)
                 costs[:, esc] += (self._bucket_costs()[b] + b)[None, :]
         ctx = np.zeros(self.shapes[t], np.int64)
         for (tt, idx), c, y in zip(self.layout, self.vctx, self.vys):

@@ -107,6 +107,16 @@ def escape_parts(values: np.ndarray, clo: int, chi: int) -> tuple[np.ndarray, np
     return _escape_parts_kernel(np.ascontiguousarray(values, dtype=np.int64), int(clo), int(chi))
 
 
+def escape_parts_ref(values: np.ndarray, clo: int, chi: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy reference of :func:`escape_parts`."""
+    v = np.asarray(values, dtype=np.int64)
+    w = np.where(v < clo, clo - v, v - chi).astype(np.int64)
+    b = np.floor(np.log2(np.maximum(w, 1).astype(np.float64))).astype(np.int64)
+    b = np.where((w >> b) == 0, b - 1, b)
+    b = np.where((w >> (b + 1)) > 0, b + 1, b)
+    return b, w - (np.int64(1) << b)
+
+
 @njit(cache=True, nogil=True)
 def _line_hists_kernel(y, n, axis):
     rows, cols = y.shape
