@@ -14,6 +14,7 @@ import threading
 import zlib
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -175,7 +176,7 @@ def _best_layout(g: Group, sampled: bool = False) -> Layout:
 
     def size(lay: Layout) -> int:
         data = _laid_out(g, lay)
-        return len(proxy.compress(_Slice.sample(data) if sampled and len(data) >= _SAMPLE_MIN else data))
+        return len(proxy.compress(_Slice.sample(data) if sampled else data))
 
     sizes = [size(lay) for lay in cands]
     return cands[int(np.argmin(sizes))]
@@ -201,18 +202,23 @@ _SCREEN_MIN = 1 << 16
 class _Slice:
     """Sixteen evenly spaced chunks of a laid-out group, an eighth of it in all (a column-major
     layout changes statistics along the stream, so one contiguous slice would not be
-    representative), and the fast coder's size of it, both made once per group."""
+    representative), and the fast coder's size of it, both made at most once per group."""
 
     def __init__(self, data: bytes) -> None:
+        self.data = self.sample(data)
+        self.scale = len(data) / max(len(self.data), 1)
+
+    @cached_property
+    def fast(self) -> float:
         import zstandard
 
-        # A group under the sampling size is its own slice: the fast coder still screens it.
-        self.data = self.sample(data) if len(data) >= _SAMPLE_MIN else data
-        self.scale = len(data) / len(self.data)
-        self.fast = len(zstandard.ZstdCompressor(level=_FAST_LEVEL).compress(self.data)) * self.scale
+        return len(zstandard.ZstdCompressor(level=_FAST_LEVEL).compress(self.data)) * self.scale
 
     @staticmethod
     def sample(data: bytes) -> bytes:
+        """The chunks of ``data``; a group under the sampling size is its own slice."""
+        if len(data) < _SAMPLE_MIN:
+            return data
         k, n = 16, max(_SAMPLE_MIN // 2, len(data) // 8) // 16
         step = (len(data) - n) // (k - 1)
         return b"".join(data[i * step:i * step + n] for i in range(k))
@@ -252,7 +258,7 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
     for desc in options:
         if "layout" in desc and laid is None:
             laid = _laid_out(g, Layout.from_dict(desc["layout"]))
-        if codec == "auto-fast" and best is not None and "layout" in desc and len(laid) >= _SCREEN_MIN:
+        if codec == "auto-fast" and best is not None and "layout" in desc:
             piece = piece or _Slice(laid)
             if _hopeless(desc["codec"], laid, len(best[0]), piece):
                 continue
