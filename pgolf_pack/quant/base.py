@@ -86,38 +86,29 @@ _CHECKS: dict[str, SpecCheck] = {}
 _CORRECTION_CHECKS: dict[str, SpecCheck] = {}
 
 
-def register_scheme(name: str) -> Callable[[Dequantizer], Dequantizer]:
-    def deco(fn: Dequantizer) -> Dequantizer:
-        _SCHEMES[name] = fn
+def _register(table: dict, key: str) -> Callable:
+    def deco(fn):
+        table[key] = fn
         return fn
 
     return deco
+
+
+def register_scheme(name: str) -> Callable[[Dequantizer], Dequantizer]:
+    return _register(_SCHEMES, name)
 
 
 def register_correction(key: str) -> Callable[[Correction], Correction]:
-    def deco(fn: Correction) -> Correction:
-        _CORRECTIONS[key] = fn
-        return fn
-
-    return deco
+    return _register(_CORRECTIONS, key)
 
 
 def register_check(scheme: str) -> Callable[[SpecCheck], SpecCheck]:
     """Register the check that a ``scheme`` tensor's streams and params imply exactly its shape."""
-
-    def deco(fn: SpecCheck) -> SpecCheck:
-        _CHECKS[scheme] = fn
-        return fn
-
-    return deco
+    return _register(_CHECKS, scheme)
 
 
 def register_correction_check(key: str) -> Callable[[SpecCheck], SpecCheck]:
-    def deco(fn: SpecCheck) -> SpecCheck:
-        _CORRECTION_CHECKS[key] = fn
-        return fn
-
-    return deco
+    return _register(_CORRECTION_CHECKS, key)
 
 
 def known_schemes() -> list[str]:
