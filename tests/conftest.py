@@ -18,6 +18,21 @@ EX_RECIPE_1855 = EXAMPLES / "recipes" / "record_1855.toml"
 _runner = CliRunner()
 
 
+@pytest.fixture(scope="module")
+def example_calibrated():
+    """The bundled example built by the adapter, its Hessians from 4×256 train tokens, and the
+    train tokens (the sensitivity tests cut their scoring windows from them)."""
+    from pgolf_pack.calib import load_tokens
+    from pgolf_pack.calib.adapter import build_model
+    from pgolf_pack.calib.calibrate import calibration_batches, collect_hessians
+    from pgolf_pack.checkpoint import load_checkpoint
+
+    loaded = build_model(load_checkpoint(EX_CKPT))
+    toks = load_tokens(EX_TRAIN)
+    hs, counts = collect_hessians(loaded, calibration_batches(toks, 4, 256))
+    return loaded, hs, counts, toks
+
+
 def cli(*args):
     """Run ``pgolf-pack ARGS`` in-process; returns typer's Result (exit_code, output)."""
     from pgolf_pack.cli import app

@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import EX_CKPT, EX_TRAIN
-from pgolf_pack.calib import load_tokens
-from pgolf_pack.calib.adapter import build_model
-from pgolf_pack.calib.calibrate import calibration_batches, collect_hessians
 from pgolf_pack.calib.sensitivity import measure_sensitivity
-from pgolf_pack.checkpoint import load_checkpoint
 from pgolf_pack.errors import PgolfError
 
 
 @pytest.fixture(scope="module")
-def example():
-    sd = load_checkpoint(EX_CKPT)
-    loaded = build_model(sd)
-    toks = load_tokens(EX_TRAIN)
-    hs, counts = collect_hessians(loaded, calibration_batches(toks, 4, 256))
+def example(example_calibrated):
+    loaded, hs, counts, toks = example_calibrated
     return loaded, hs, counts, toks[: 4 * 256 + 1]
 
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import EX_CKPT, EX_TRAIN
+from conftest import EX_CKPT
 from pgolf_pack.calib import load_tokens
 from pgolf_pack.calib.adapter import build_model, nll_sum
 from pgolf_pack.calib.block_replay import BlockReplay
-from pgolf_pack.calib.calibrate import calibration_batches, collect_hessians
+from pgolf_pack.calib.calibrate import collect_hessians
 from pgolf_pack.calib.sensitivity import (GUIDE_SAFETY, _Guide, _weight_and_metric, loss_curvature,
                                           measure_sensitivity, predicted_dloss)
 from pgolf_pack.checkpoint import load_checkpoint
@@ -29,12 +29,15 @@ CUSTOM_LM = Path(__file__).resolve().parent / "models" / "custom_lm.py"
 
 
 @pytest.fixture(scope="module")
-def example():
-    sd = load_checkpoint(EX_CKPT)
-    loaded = build_model(sd)
-    toks = load_tokens(EX_TRAIN)
-    hs, counts = collect_hessians(loaded, calibration_batches(toks, 4, 256))
+def example(example_calibrated):
+    loaded, hs, counts, toks = example_calibrated
     return loaded, hs, counts, toks[: 2 * 128 + 1]
+
+
+# At min_dloss 1e-2 on the window the first steps of these matrices change the loss by less (they
+# fail), and the estimate puts at least three of them clearly below: a working guide skips those.
+SKIPPED_NAMES = ["tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.attn.c_k.weight", "blocks.1.attn.c_v.weight",
+                 "blocks.1.mlp.proj.weight", "blocks.2.attn.c_q.weight"]
 
 
 def _same(a, b):
@@ -44,12 +47,8 @@ def _same(a, b):
 
 
 def test_guided_equals_unguided_where_it_skips_only_failing_steps(example):
-    # At min_dloss 1e-2 on this window the first steps of these matrices change the loss by less
-    # (they fail), and the estimate puts four of them clearly below: those are skipped.
     loaded, hs, counts, window = example
-    names = ["tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.attn.c_k.weight", "blocks.1.attn.c_v.weight",
-             "blocks.1.mlp.proj.weight", "blocks.2.attn.c_q.weight"]
-    kw = dict(seqs=2, seq_len=128, names=names, min_dloss=1e-2)
+    kw = dict(seqs=2, seq_len=128, names=SKIPPED_NAMES, min_dloss=1e-2)
     plain = measure_sensitivity(loaded, hs, window, counts, guide=False, reuse_blocks=False, **kw)
     fast = measure_sensitivity(loaded, hs, window, counts, **kw)
     _same(plain, fast)
@@ -177,21 +176,23 @@ def test_curvature_gradient_is_the_mean_loss_gradient():
     assert w.requires_grad  # restored
 
 
+def _guided_as_unguided(model, example):
+    """The guided measurement of ``model`` on SKIPPED_NAMES, checked equal to the unguided one of
+    the example's own model."""
+    loaded, hs, counts, window = example
+    kw = dict(seqs=2, seq_len=128, names=SKIPPED_NAMES, min_dloss=1e-2)
+    res = measure_sensitivity(model, hs, window, counts, **kw)
+    _same(measure_sensitivity(loaded, hs, window, counts, guide=False, **kw), res)
+    return res
+
+
 def test_inference_mode_caches_only_turn_the_guide_off(example):
-    # A rotary table cached under inference_mode (as evaluate_bpb leaves it) cannot take part in
-    # a backward pass; the measurement then runs unguided instead of failing.
-    sd = load_checkpoint(EX_CKPT)
-    model = build_model(sd)
-    _, hs, counts, window = example
+    # A rotary table cached under a caller's own inference_mode pass cannot take part in a
+    # backward pass; the measurement then runs unguided instead of failing.
+    model = build_model(load_checkpoint(EX_CKPT))
     with torch.inference_mode():
         model.module(torch.zeros(1, 128, dtype=torch.long))
-    # The matrices of the first test, where a working guide skips at least three steps.
-    names = ["tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.attn.c_k.weight", "blocks.1.attn.c_v.weight",
-             "blocks.1.mlp.proj.weight", "blocks.2.attn.c_q.weight"]
-    res = measure_sensitivity(model, hs, window, counts, seqs=2, seq_len=128, names=names, min_dloss=1e-2)
-    ref = measure_sensitivity(example[0], hs, window, counts, seqs=2, seq_len=128, names=names, min_dloss=1e-2,
-                              guide=False)
-    _same(ref, res)
+    res = _guided_as_unguided(model, example)
     assert res.skipped == 0
 
 
@@ -201,14 +202,8 @@ def test_guide_works_after_evaluate_bpb_on_the_same_model(example):
     from pgolf_pack.calib.bpb import evaluate_bpb
 
     model = build_model(load_checkpoint(EX_CKPT))
-    _, hs, counts, window = example
     evaluate_bpb(model, load_tokens(EX_VAL), EX_TOKENIZER, seq_len=128, max_seqs=1)
-    names = ["tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.attn.c_k.weight", "blocks.1.attn.c_v.weight",
-             "blocks.1.mlp.proj.weight", "blocks.2.attn.c_q.weight"]
-    res = measure_sensitivity(model, hs, window, counts, seqs=2, seq_len=128, names=names, min_dloss=1e-2)
-    ref = measure_sensitivity(example[0], hs, window, counts, seqs=2, seq_len=128, names=names, min_dloss=1e-2,
-                              guide=False)
-    _same(ref, res)
+    res = _guided_as_unguided(model, example)
     assert res.skipped > 0
 
 

@@ -205,8 +205,8 @@ def loss_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def _guide_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      params: Sequence[nn.Parameter]) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """:func:`loss_curvature`, or None (no guide) where the model cannot run backward: it holds
-    tensors cached under ``torch.inference_mode`` (e.g. an earlier ``evaluate_bpb`` on the same
-    module), which autograd refuses. The measurement alone is then as exact, only slower."""
+    tensors cached under ``torch.inference_mode`` (e.g. a pass the caller made in that mode on the
+    same module), which autograd refuses. The measurement alone is then as exact, only slower."""
     try:
         return loss_curvature(model, x, y, params)
     except RuntimeError as e:
