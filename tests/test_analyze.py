@@ -151,6 +151,16 @@ def test_user_code_wrappers_run_and_decode():
         assert [(f.name, f.type) for f in ns["fields"](ns["Hyper"])] == [("lr", float), ("steps", int)]
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_minify_keeps_emptied_blocks_valid(keep):
+    # Dropping literals (and, for the decoder, bare annotations) can empty a body or a finally
+    # clause; each must still compile and run the same.
+    src = 'def f():\n    x: int\ntry:\n    y = 1\nfinally:\n    "only a literal"\nfor i in range(2):\n    y += i\nelse:\n    "z"\n'
+    ns: dict = {}
+    exec(compile(minify(src, keep_annotations=keep), "<m>", "exec"), ns)
+    assert ns["f"]() is None and ns["y"] == 2
+
+
 def test_minify_keeps_the_code_of_real_modules():
     import ast
 

@@ -35,17 +35,16 @@ class _Strip(ast.NodeTransformer):
 
     def generic_visit(self, node: ast.AST) -> ast.AST:
         super().generic_visit(node)
-        # Bare literal statements (docstrings among them) do nothing when run; a body left empty
-        # gets a ``pass``.
+        # Bare literal statements (docstrings among them) do nothing when run. A body left empty
+        # gets a ``pass``, and so does an emptied ``finally`` (a ``try`` may need it to stand);
+        # an emptied ``else`` goes.
         for attr in ("body", "orelse", "finalbody"):
             body = getattr(node, attr, None)
-            if isinstance(body, list) and body and isinstance(body[0], ast.stmt):
+            if isinstance(body, list) and all(isinstance(x, ast.stmt) for x in body):
                 kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-                setattr(node, attr, kept or ([ast.Pass()] if attr == "body" else []))
+                needed = attr == "body" or (attr == "finalbody" and body)
+                setattr(node, attr, kept or ([ast.Pass()] if needed else []))
         return node
-
-    def _body(self, body: list[ast.stmt]) -> list[ast.stmt]:
-        return body or [ast.Pass()]
 
     def _fn(self, node):
         if self._keep:
@@ -57,7 +56,6 @@ class _Strip(ast.NodeTransformer):
         depth, self._class_depth = self._class_depth, 0
         self.generic_visit(node)
         self._class_depth = depth
-        node.body = self._body(node.body)
         return node
 
     visit_FunctionDef = visit_AsyncFunctionDef = _fn
@@ -66,13 +64,12 @@ class _Strip(ast.NodeTransformer):
         self._class_depth += 1
         self.generic_visit(node)
         self._class_depth -= 1
-        node.body = self._body(node.body)
         return node
 
     def visit_Module(self, node: ast.Module):
         self.generic_visit(node)
         if not self._keep:  # with annotations gone, postponing their evaluation is moot
-            node.body = [s for s in self._body(node.body) if not (isinstance(s, ast.ImportFrom) and s.module == "__future__")]
+            node.body = [s for s in node.body if not (isinstance(s, ast.ImportFrom) and s.module == "__future__")]
         return node
 
     def visit_AnnAssign(self, node: ast.AnnAssign):
