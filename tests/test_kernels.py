@@ -319,3 +319,46 @@ def test_best_prior_rho2_bit_identical(rows, b0, cols, seed):
     gram = (xf @ xf[b0:].T).astype(np.float64)
     nrm = (x.astype(np.float64) ** 2).sum(axis=1)
     assert best_prior_rho2(gram, nrm, b0).tobytes() == best_prior_rho2_ref(gram, nrm, b0).tobytes()
+
+
+# --- fused table code lengths, line costs and moments for the entropy fits ------------------------
+# These only steer the fits (libm exp, other summation orders), so they are held to the numpy
+# expressions they replace within a few ulps rather than bitwise.
+
+from pgolf_pack.kernels.fitcost import (  # noqa: E402
+    fit_costs,
+    fit_costs_ref,
+    line_costs,
+    line_costs_ref,
+    line_moments,
+    line_moments_ref,
+)
+
+
+@SETTINGS
+@given(family=st.sampled_from(["gauss", "laplace"]), q=st.sampled_from([4, 8, 16]), mstep=st.sampled_from([0, 1, 4]),
+       clo=st.integers(-300, 0), width=st.integers(0, 600), esc=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_fit_costs_match_numpy_tables(family, q, mstep, clo, width, esc, seed):
+    rng = _rng(seed)
+    keys = np.stack([rng.integers(-6 * q, 12 * q, 25), rng.integers(-40, 40, 25)], 1)
+    got = fit_costs(family, q, mstep, clo, clo + width, esc, keys)
+    want = fit_costs_ref(family, q, mstep, clo, clo + width, esc, keys)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-9
+
+
+@SETTINGS
+@given(lines=st.integers(0, 30), n=st.integers(1, 300), k=st.integers(1, 6), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**32 - 1))
+def test_line_costs_and_moments_match_numpy(lines, n, k, density, seed):
+    rng = _rng(seed)
+    h = rng.integers(0, 50, (lines, n)) * (rng.random((lines, n)) < density)
+    cst = rng.random((7, n)) * 24.0
+    idx = rng.integers(0, 7, (lines, k))
+    np.testing.assert_allclose(line_costs(h, cst, idx), line_costs_ref(h, cst, idx), rtol=1e-12, atol=0)
+    values = np.arange(n, dtype=np.float64) - n // 2
+    mean, std = line_moments(h, values)
+    mean_ref, std_ref = line_moments_ref(h, values)
+    # Integer counts times integer values sum exactly in any order, so the means are bitwise equal.
+    assert mean.tobytes() == mean_ref.tobytes()
+    np.testing.assert_allclose(std, std_ref, rtol=1e-12, atol=1e-300)

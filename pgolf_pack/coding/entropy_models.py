@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.ctxsort import line_hists
+from ..kernels.fitcost import fit_costs, line_costs, line_moments
 from ..kernels.rowcost import best_prior_rho2, offset_pass
 from ..kernels.tablebits import table_bits
 from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part of this module's API)
@@ -85,13 +86,6 @@ def axis_hists(ys: list[np.ndarray], n: int, axis: int) -> list[np.ndarray]:
     return [line_hists(y, n, axis) for y in ys]
 
 
-def _moments(h: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    tot = np.maximum(h.sum(axis=1), 1)
-    mean = (h * values[None, :]).sum(axis=1) / tot
-    var = (h * (values[None, :] - mean[:, None]) ** 2).sum(axis=1) / tot
-    return mean, np.sqrt(var)
-
-
 class CostCache(TableCache):
     """A :class:`TableCache` that also keeps each table's code lengths, for the fits."""
 
@@ -108,10 +102,10 @@ class CostCache(TableCache):
         # Rows depend only on their own key, so the batch (and its order) is free to choose.
         missing = [k for k in dict.fromkeys(kl) if k not in self._row]
         if missing:
-            # Tables in libm's exp, not the decoder's portable one: only costs are kept from
-            # them, and the portable exp was most of a wide-alphabet fit.
-            c = fit_cost_bits(param_tables(self.param, self.clo, self.chi, self.esc,
-                                           np.array(missing, dtype=np.int64), np.exp))
+            # Fused, in libm's exp rather than the decoder's portable one: only costs are kept
+            # from these tables, and building them was most of a wide-alphabet fit.
+            p = self.param
+            c = fit_costs(p.family, p.q, p.m, self.clo, self.chi, self.esc, np.array(missing, dtype=np.int64))
             if self._n + len(missing) > len(self._rows):
                 grown = np.zeros((max(2 * len(self._rows), self._n + len(missing), 64), c.shape[1]))
                 if self._n:
@@ -125,7 +119,7 @@ class CostCache(TableCache):
 
 
 def initial_scale_index(h: np.ndarray, values: np.ndarray, q: int, s_min: int, s_max: int) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = _moments(h, values)
+    mean, std = line_moments(h, values)
     s0 = np.round(q * np.log2(np.maximum(std, 2.0**-6))).astype(np.int64)
     return np.clip(s0, s_min, s_max), mean
 
@@ -153,7 +147,10 @@ def fit_lines(
     s_out, m_out, total = [], [], 0.0
     for t, groups in enumerate(hists):
         offs = np.asarray(offsets[t], np.int64).reshape(-1, 2) if offsets is not None else np.zeros((1, 2), np.int64)
-        hsum = np.sum(groups, axis=0) if len(groups) else np.zeros((0, len(values)), np.int64)
+        if len(groups) == 1:
+            hsum = groups[0]
+        else:
+            hsum = np.sum(groups, axis=0) if len(groups) else np.zeros((0, len(values)), np.int64)
         nlines = hsum.shape[0]
         if nlines == 0:
             s_out.append(np.zeros(0, np.int64))
@@ -180,7 +177,7 @@ def fit_lines(
                 keys = np.stack([cand + os_, np.broadcast_to(m[:, None] + om, cand.shape)], -1)
                 uniq, inv = pair_codes(keys)
                 cst = cache.costs(uniq)
-                cost += np.einsum("ln,lkn->lk", g.astype(np.float64), cst[inv.reshape(cand.shape)])
+                cost += line_costs(g, cst, inv.reshape(cand.shape))
             j = cost.argmin(axis=1)
             s_new = cand[np.arange(nlines), j]
             best_cost = cost[np.arange(nlines), j]
@@ -396,20 +393,23 @@ def fit_rc_offsets(
     m = [np.asarray(a, np.int64) for a in m]
     if not ys:
         return u, v
-    m_lo = min(int(a.min()) for a in m)
-    m_n = max(int(a.max()) for a in m) - m_lo + 1
+    # The table holds the mean indices that occur, not their whole range: column means are
+    # sparse over it on wide alphabets, and every table row depends on its own key only.
+    m_vals = np.unique(np.concatenate(m))
+    m_n = len(m_vals)
+    m_idx = [np.searchsorted(m_vals, a) for a in m]
     for _ in range(rounds):
         for axis in (0, 1):  # rows, then columns
             s_lo = max(s_min, min(int(a.min()) for a in u) + min(int(b.min()) for b in v) - window)
             s_hi = min(s_max, max(int(a.max()) for a in u) + max(int(b.max()) for b in v) + window)
             if s_hi < s_lo:
                 s_hi = s_lo
-            grid = np.stack(np.meshgrid(np.arange(s_lo, s_hi + 1), np.arange(m_lo, m_lo + m_n), indexing="ij"), -1)
+            grid = np.stack(np.meshgrid(np.arange(s_lo, s_hi + 1), m_vals, indexing="ij"), -1)
             table = cache.costs(grid.reshape(-1, 2))  # ((S * M), n)
             flat = table.ravel()
             for t, y in enumerate(ys):
                 line, other = (u[t], v[t]) if axis == 0 else (v[t], u[t])
-                best_s = offset_pass(y, line, other, m[t] - m_lo, flat, s_lo, s_hi, m_n, window, axis)
+                best_s = offset_pass(y, line, other, m_idx[t], flat, s_lo, s_hi, m_n, window, axis)
                 if axis == 0:
                     u[t] = best_s
                 else:
