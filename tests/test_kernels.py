@@ -362,3 +362,22 @@ def test_line_costs_and_moments_match_numpy(lines, n, k, density, seed):
     # Integer counts times integer values sum exactly in any order, so the means are bitwise equal.
     assert mean.tobytes() == mean_ref.tobytes()
     np.testing.assert_allclose(std, std_ref, rtol=1e-12, atol=1e-300)
+
+
+# --- row predictor choice of the entropy coder's ref model ----------------------------------------
+
+from pgolf_pack.coding.entropy_models import fit_row_prediction, fit_row_prediction_ref  # noqa: E402
+
+
+@SETTINGS
+@given(rows=st.integers(0, 90), cols=st.integers(0, 40), protos=st.integers(1, 6), block=st.sampled_from([7, 256]),
+       seed=st.integers(0, 2**32 - 1))
+def test_row_prediction_kernel_matches_numpy(rows, cols, protos, block, seed):
+    # Rows built from a few prototypes (scaled, negated, noisy) so every mode gets chosen.
+    rng = _rng(seed)
+    base = rng.integers(-20, 21, (protos, cols))
+    x = base[rng.integers(0, protos, rows)] * rng.choice([-2, -1, 1, 2], (rows, 1)) + rng.integers(-2, 3, (rows, cols))
+    x[::5] = rng.integers(-30, 31, x[::5].shape)
+    got, want = fit_row_prediction(x, block), fit_row_prediction_ref(x, block)
+    for f in ("mode", "gidx", "roff", "coef"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f))

@@ -42,6 +42,7 @@ import numpy as np
 
 from ..kernels.anslen import ans_words_bounds
 from ..kernels.ctxsort import escape_parts, pack_mantissas, stable_order
+from ..kernels.fitcost import line_moments
 from ..kernels.rowcost import row_costs
 from .entropy_decode import (  # noqa: F401  (entropy_decode re-exported for callers of both sides)
     _BUCKETS,
@@ -182,9 +183,10 @@ def _fit_hist(vys: list[np.ndarray], core: Core) -> _Spec:
     return _Spec("hist", tables=[choose_table(np.bincount(y.ravel(), minlength=core.n))[0] for y in vys])
 
 
-def _fit_axis(hists: list[list[np.ndarray]], core: Core, param: Param) -> tuple[float, list[np.ndarray]]:
+def _fit_axis(hists: list[list[np.ndarray]], core: Core, param: Param,
+              moments: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, list[np.ndarray]]:
     cache = CostCache(param, core.clo, core.chi, core.esc)
-    s, m, cost = fit_lines(hists, cache, core.values(), _srange(param))
+    s, m, cost = fit_lines(hists, cache, core.values(), _srange(param), moments=moments)
     s_all, m_all = _cat(s), _cat(m)
     seg = [len(x) for x in s]
     return cost + _stream_bits(s_all, seg) + _stream_bits(m_all, seg), [s_all, m_all]
@@ -193,19 +195,21 @@ def _fit_axis(hists: list[list[np.ndarray]], core: Core, param: Param) -> tuple[
 def _search_param(vys: list[np.ndarray], core: Core, axis: int) -> tuple[float, Param, list[np.ndarray]]:
     """Greedy search: family at Q=8, then the scale grid Q, then the mean grid M."""
     hists = [[h] for h in axis_hists(vys, core.n, axis)]
+    # Every param below starts from the same line moments.
+    moments = [line_moments(h, core.values()) for (h,) in hists]
     best = None
     for p in [Param(f, 8, 0) for f in FAMILIES]:
-        r = _fit_axis(hists, core, p)
+        r = _fit_axis(hists, core, p, moments)
         if best is None or r[0] < best[0]:
             best = (r[0], p, r[1])
     for q in (4, 6, 12, 16):
         p = Param(best[1].family, q, 0)
-        r = _fit_axis(hists, core, p)
+        r = _fit_axis(hists, core, p, moments)
         if r[0] < best[0]:
             best = (r[0], p, r[1])
     for mstep in (1, 2, 4, 8):
         p = Param(best[1].family, best[1].q, mstep)
-        r = _fit_axis(hists, core, p)
+        r = _fit_axis(hists, core, p, moments)
         if r[0] < best[0]:
             best = (r[0], p, r[1])
     return best

@@ -11,6 +11,7 @@ import numpy as np
 from ..kernels.ctxsort import line_hists
 from ..kernels.fitcost import fit_costs, line_costs, line_moments
 from ..kernels.rowcost import best_prior_rho2, offset_pass
+from ..kernels.rowpred import choose_row_predictors
 from ..kernels.tablebits import table_bits
 from .entropy_tables import (  # noqa: F401  (re-exported: the tables are part of this module's API)
     ANS_PRECISION,
@@ -118,10 +119,9 @@ class CostCache(TableCache):
         return self._rows[[self._row[k] for k in kl]]
 
 
-def initial_scale_index(h: np.ndarray, values: np.ndarray, q: int, s_min: int, s_max: int) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = line_moments(h, values)
+def initial_scale_index(std: np.ndarray, q: int, s_min: int, s_max: int) -> np.ndarray:
     s0 = np.round(q * np.log2(np.maximum(std, 2.0**-6))).astype(np.int64)
-    return np.clip(s0, s_min, s_max), mean
+    return np.clip(s0, s_min, s_max)
 
 
 def fit_lines(
@@ -134,13 +134,16 @@ def fit_lines(
     init: list[np.ndarray] | None = None,
     window: int = 2,
     rounds: int = 3,
+    moments: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """ML scale index per line (row or column) of each tensor, plus its mean index.
 
     ``hists[t]`` lists (lines, n) histograms, one per group of the other axis; ``offsets[t][g]``
     is that group's (scale, mean) index offset, so a symbol's table key is
     (s_line + off_s, m_line + off_m). Mean indices come from ``means`` or, when the param has a
-    mean grid, from the line's sample mean. Returns scale indices, mean indices, total bits.
+    mean grid, from the line's sample mean. ``moments[t]``: the (mean, std) of each line of the
+    summed histograms, when the caller fits the same histograms under several params.
+    Returns scale indices, mean indices, total bits.
     """
     p = cache.param
     s_min, s_max = s_range
@@ -156,7 +159,8 @@ def fit_lines(
             s_out.append(np.zeros(0, np.int64))
             m_out.append(np.zeros(0, np.int64))
             continue
-        s, mean = initial_scale_index(hsum, values, p.q, s_min, s_max)
+        mean, std = moments[t] if moments is not None else line_moments(hsum, values)
+        s = initial_scale_index(std, p.q, s_min, s_max)
         if init is not None:
             s = np.asarray(init[t], dtype=np.int64).copy()
         elif offsets is not None:
@@ -284,8 +288,18 @@ def fit_row_prediction(x: np.ndarray, block: int = 256) -> RowPred:
     """Greedy choice per row of the predictor that saves the most estimated bits (or none).
 
     Savings are estimated from residual energy (Gaussian rate 0.5*log2 of the energy ratio per
-    symbol) minus the side-information bits of the choice.
+    symbol) minus the side-information bits of the choice. The loop runs as a kernel
+    (``kernels.rowpred``); :func:`fit_row_prediction_ref` is its numpy reference.
     """
+    rows, cols = x.shape
+    if rows < 2 or cols == 0:
+        return RowPred(np.zeros(rows, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    mode, ref, coef = choose_row_predictors(x, PRED_DEN, PRED_KMAX, MODE_GROUP, MODE_ROW, block)
+    return RowPred(mode, ref[mode == MODE_GROUP], ref[mode == MODE_ROW], coef[mode != MODE_NONE])
+
+
+def fit_row_prediction_ref(x: np.ndarray, block: int = 256) -> RowPred:
+    """Numpy reference for :func:`fit_row_prediction`."""
     rows, cols = x.shape
     mode = np.zeros(rows, np.int64)
     gidx, roff, coef = [], [], []

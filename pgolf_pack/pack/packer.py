@@ -347,7 +347,11 @@ def pack_model(
         return res
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        futures = [ex.submit(work, g) for g in groups]
+        # Largest groups first, so the last one to start is small and the workers finish together;
+        # the artifact keeps the groups' own order.
+        by_size = sorted(range(len(groups)), key=lambda i: -groups[i].raw_bytes)
+        started = {i: ex.submit(work, groups[i]) for i in by_size}
+        futures = [started[i] for i in range(len(groups))]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
             for f in futures:
