@@ -24,7 +24,7 @@ from ..quant.base import QuantizedModel, QuantizedTensor, Stream
 from . import codecs
 from .codecs import BYTE_DECODERS, SYMBOL_DECODERS
 from .container import FORMAT_VERSION, crc32, group_payload, header_bytes, read_container, write_container
-from .layout import Layout, candidate_layouts, encoded_size, layout_decode, layout_encode, row_orders
+from .layout import Layout, candidate_layouts, encoded_size, layout_decode, layout_encode, perm_section_size, row_orders
 
 AUTO_MODES = ("auto", "auto-fast")
 CODEC_CHOICES = AUTO_MODES + tuple(codecs.CODECS)
@@ -174,54 +174,73 @@ def _best_layout(g: Group, sampled: bool = False) -> Layout:
 
     proxy = zstandard.ZstdCompressor(level=6)
 
-    def size(lay: Layout) -> int:
+    def size(lay: Layout) -> float:
         data = _laid_out(g, lay)
-        return len(proxy.compress(_Slice.sample(data) if sampled else data))
+        if not sampled:
+            return len(proxy.compress(data))
+        piece = _Slice(data, _head(g, lay))
+        return piece.size(len(proxy.compress(piece.data)))
 
     sizes = [size(lay) for lay in cands]
     return cands[int(np.argmin(sizes))]
 
 
+def _head(g: Group, lay: Layout) -> int:
+    return perm_section_size([_as_2d(a).shape for a in g.arrays], lay)
+
+
 # auto-fast skips a byte codec on a large group when a slice of the group, coded with it and
 # scaled up, is clearly bigger than what is already in hand: the slow settings (brotli-11, lzma-9e,
 # zstd-22) cost minutes on a 17M-parameter model and rarely beat the entropy coder on quantized
-# symbols. A slice sees less history than the whole, so its estimate errs large; the margin keeps
-# codecs that are close in the race.
+# symbols. The slice's estimate errs both ways (measured on the 32 symbol groups over 256 KiB of
+# six bench artifacts, RTN/GPTQ int6, the record recipe, three ECSQ rates: within 0.5% on int6
+# codes, up to 6% large on ECSQ codes that code 7x smaller); the margin keeps codecs that are
+# close in the race.
 _SAMPLE_MIN = 1 << 20
 _SAMPLE_MARGIN = 1.03
 # Before running a slow codec on the slice, a fast zstd (level 3, milliseconds) codes it: no slow
-# setting is expected to beat that by more than this factor. Measured on the slices of the 31
-# symbol groups of five bench artifacts (RTN/GPTQ int6, the record recipe, two ECSQ rates): the
-# smallest ratio slow/fast was 0.747 (brotli on an ECSQ group), most were 0.85-1.0.
+# setting is expected to beat that by more than this factor. Same groups: the smallest ratio of
+# a slow codec on the whole group to zstd-3's slice estimate was 0.692 (lzma on an ECSQ group),
+# most were 0.80-1.0; with the margin, a codec is skipped only below 0.70 / 1.03 = 0.680.
 _FAST_LEVEL = 3
 _SLOW_OVER_FAST_MIN = 0.70
 # Groups under the sampling size but over this one are screened by zstd-3 on the whole of them.
 _SCREEN_MIN = 1 << 16
+_CHUNKS = 64
 
 
 class _Slice:
-    """Sixteen evenly spaced chunks of a laid-out group, an eighth of it in all (a column-major
-    layout changes statistics along the stream, so one contiguous slice would not be
-    representative), and the fast coder's size of it, both made at most once per group."""
+    """Evenly spaced chunks of a laid-out group, an eighth of it in all (a column-major layout
+    changes statistics along the stream, so one contiguous slice would not be representative;
+    sixteen chunks were too few, their spacing aliased with the byte planes of a layout), and the
+    fast coder's size of it, both made at most once per group. The first ``head`` bytes, a
+    row-sorted layout's permutations (packed indices, next to incompressible), are left out of
+    the chunks and counted at their length."""
 
-    def __init__(self, data: bytes) -> None:
-        self.data = self.sample(data)
-        self.scale = len(data) / max(len(self.data), 1)
+    def __init__(self, data: bytes, head: int = 0) -> None:
+        self.head = head if len(data) >= _SAMPLE_MIN else 0
+        body = data[self.head:]
+        self.data = self.sample(body) if self.head else self.sample(data)
+        self.scale = len(body) / max(len(self.data), 1)
+
+    def size(self, coded: int) -> float:
+        """The whole group's estimated size from ``coded``, the size of the slice coded."""
+        return self.head + coded * self.scale
 
     @cached_property
     def fast(self) -> float:
         import zstandard
 
-        return len(zstandard.ZstdCompressor(level=_FAST_LEVEL).compress(self.data)) * self.scale
+        return self.size(len(zstandard.ZstdCompressor(level=_FAST_LEVEL).compress(self.data)))
 
     @staticmethod
     def sample(data: bytes) -> bytes:
         """The chunks of ``data``; a group under the sampling size is its own slice."""
         if len(data) < _SAMPLE_MIN:
             return data
-        k, n = 16, max(_SAMPLE_MIN // 2, len(data) // 8) // 16
-        step = (len(data) - n) // (k - 1)
-        return b"".join(data[i * step:i * step + n] for i in range(k))
+        n = max(_SAMPLE_MIN // 2, len(data) // 8) // _CHUNKS
+        step = (len(data) - n) // (_CHUNKS - 1)
+        return b"".join(data[i * step:i * step + n] for i in range(_CHUNKS))
 
 
 def _hopeless(codec: str, data: bytes, best: int, piece: _Slice | None = None) -> bool:
@@ -233,7 +252,7 @@ def _hopeless(codec: str, data: bytes, best: int, piece: _Slice | None = None) -
         return True
     if len(data) < _SAMPLE_MIN:
         return False  # small enough to run the codec itself
-    return len(codecs.compress(codec, piece.data)) * piece.scale > _SAMPLE_MARGIN * best
+    return piece.size(len(codecs.compress(codec, piece.data))) > _SAMPLE_MARGIN * best
 
 
 def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes, dict]:
@@ -259,7 +278,7 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
         if "layout" in desc and laid is None:
             laid = _laid_out(g, Layout.from_dict(desc["layout"]))
         if codec == "auto-fast" and best is not None and "layout" in desc:
-            piece = piece or _Slice(laid)
+            piece = piece or _Slice(laid, _head(g, layout))
             if _hopeless(desc["codec"], laid, len(best[0]), piece):
                 continue
         payload, desc = _encode_with(desc, g, laid if "layout" in desc else None)
