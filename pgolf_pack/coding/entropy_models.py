@@ -172,21 +172,27 @@ def fit_lines(
         else:
             m = np.zeros(nlines, np.int64)
         best_cost = None
+        used = [(g, os_, om) for g, (os_, om) in zip(groups, offs.tolist()) if g.any()]
+        steps = np.arange(-window, window + 1)[None, :]
+        cost = np.zeros((nlines, len(steps[0])))
+        moved = None  # the lines whose index moved last round; the others' costs stand
         for _ in range(rounds):
-            cand = np.clip(s[:, None] + np.arange(-window, window + 1)[None, :], s_min, s_max)
-            cost = np.zeros(cand.shape)
-            for g, (os_, om) in zip(groups, offs.tolist()):
-                if not g.any():
-                    continue
-                keys = np.stack([cand + os_, np.broadcast_to(m[:, None] + om, cand.shape)], -1)
+            cand = np.clip(s[:, None] + steps, s_min, s_max)
+            sel = slice(None) if moved is None else np.flatnonzero(moved)
+            c_sel, m_sel = cand[sel], m[sel]
+            part = np.zeros(c_sel.shape)
+            for g, os_, om in used:
+                keys = np.stack([c_sel + os_, np.broadcast_to(m_sel[:, None] + om, c_sel.shape)], -1)
                 uniq, inv = pair_codes(keys)
                 cst = cache.costs(uniq)
-                cost += line_costs(g, cst, inv.reshape(cand.shape))
+                part += line_costs(g[sel], cst, inv.reshape(c_sel.shape))
+            cost[sel] = part
             j = cost.argmin(axis=1)
             s_new = cand[np.arange(nlines), j]
             best_cost = cost[np.arange(nlines), j]
             if np.array_equal(s_new, s):
                 break
+            moved = s_new != s
             s = s_new
         s_out.append(s)
         m_out.append(m)
