@@ -192,16 +192,16 @@ def _head(g: Group, lay: Layout) -> int:
 # auto-fast skips a byte codec on a large group when a slice of the group, coded with it and
 # scaled up, is clearly bigger than what is already in hand: the slow settings (brotli-11, lzma-9e,
 # zstd-22) cost minutes on a 17M-parameter model and rarely beat the entropy coder on quantized
-# symbols. The slice's estimate errs both ways (measured on the 32 symbol groups over 256 KiB of
-# six bench artifacts, RTN/GPTQ int6, the record recipe, three ECSQ rates: within 0.5% on int6
-# codes, up to 6% large on ECSQ codes that code 7x smaller); the margin keeps codecs that are
-# close in the race.
+# symbols. The slice's estimate errs both ways (on the 47 symbol groups of at least 256 KiB in six
+# bench artifacts, RTN/GPTQ int6, the record recipe, three ECSQ rates: 0.965-1.20 of the whole
+# group's size, within 3.6% on int6 codes, the large errors on ECSQ codes the entropy coder codes
+# far smaller); the margin keeps codecs that are close in the race.
 _SAMPLE_MIN = 1 << 20
 _SAMPLE_MARGIN = 1.03
 # Before running a slow codec on the slice, a fast zstd (level 3, milliseconds) codes it: no slow
 # setting is expected to beat that by more than this factor. Same groups: the smallest ratio of
-# a slow codec on the whole group to zstd-3's slice estimate was 0.692 (lzma on an ECSQ group),
-# most were 0.80-1.0; with the margin, a codec is skipped only below 0.70 / 1.03 = 0.680.
+# a slow codec on the whole group to zstd-3's slice estimate was 0.715 (brotli on an ECSQ group),
+# most were 0.75-1.0; with the margin, a codec is skipped only below 0.70 / 1.03 = 0.680.
 _FAST_LEVEL = 3
 _SLOW_OVER_FAST_MIN = 0.70
 # Groups under the sampling size but over this one are screened by zstd-3 on the whole of them.
