@@ -92,31 +92,54 @@ class CostCache(TableCache):
 
     def __init__(self, param: Param, clo: int, chi: int, esc: bool):
         super().__init__(param, clo, chi, esc)
-        # Rows live in one growing array (capacity doubles) so a lookup is one gather.
-        self._row: dict[tuple[int, int], int] = {}
+        # Rows live in one growing array (capacity doubles) so a lookup is one gather; the keys
+        # known so far are kept sorted by their pair code, so finding them is one searchsorted.
+        self._codes = np.zeros(0, np.int64)
+        self._ids = np.zeros(0, np.int64)
         self._rows = np.zeros((0, 0))
         self._n = 0
 
+    def _find(self, code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.minimum(np.searchsorted(self._codes, code), max(len(self._codes) - 1, 0))
+        hit = self._codes[pos] == code if len(self._codes) else np.zeros(len(code), bool)
+        return pos, hit
+
     def costs(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
-        kl = list(map(tuple, keys.tolist()))
-        # Rows depend only on their own key, so the batch (and its order) is free to choose.
-        missing = [k for k in dict.fromkeys(kl) if k not in self._row]
-        if missing:
+        code = _pair_code(keys)
+        pos, hit = self._find(code)
+        if not hit.all():
+            # Rows depend only on their own key, so the batch (and its order) is free to choose.
+            new_codes, first = np.unique(code[~hit], return_index=True)
+            missing = keys[~hit][first]
             # Fused, in libm's exp rather than the decoder's portable one: only costs are kept
             # from these tables, and building them was most of a wide-alphabet fit.
             p = self.param
-            c = fit_costs(p.family, p.q, p.m, self.clo, self.chi, self.esc, np.array(missing, dtype=np.int64))
+            c = fit_costs(p.family, p.q, p.m, self.clo, self.chi, self.esc, missing)
             if self._n + len(missing) > len(self._rows):
                 grown = np.zeros((max(2 * len(self._rows), self._n + len(missing), 64), c.shape[1]))
                 if self._n:
                     grown[: self._n] = self._rows[: self._n]
                 self._rows = grown
             self._rows[self._n: self._n + len(missing)] = c
-            for i, k in enumerate(missing):
-                self._row[k] = self._n + i
+            codes = np.concatenate([self._codes, new_codes])
+            ids = np.concatenate([self._ids, np.arange(self._n, self._n + len(missing))])
+            order = np.argsort(codes, kind="stable")
+            self._codes, self._ids = codes[order], ids[order]
             self._n += len(missing)
-        return self._rows[[self._row[k] for k in kl]]
+            pos, hit = self._find(code)
+        return self._rows[self._ids[pos]]
+
+
+_S_BITS = 21  # scale indices stay within +-2**20 (the grid spans 2**-6 .. 2**24 at Q <= 16)
+
+
+def _pair_code(keys: np.ndarray) -> np.ndarray:
+    """One int64 per (scale, mean) key: mean indices (up to 2**41, a 33-bit residual range at the
+    finest mean grid) in the high bits, the biased scale index in the low ones."""
+    if keys.size and (np.abs(keys[:, 0]).max() >= 1 << (_S_BITS - 1) or np.abs(keys[:, 1]).max() >= 1 << 41):
+        raise ValueError("entropy table key out of range")
+    return (keys[:, 1] << _S_BITS) + (keys[:, 0] + (1 << (_S_BITS - 1)))
 
 
 def initial_scale_index(std: np.ndarray, q: int, s_min: int, s_max: int) -> np.ndarray:
