@@ -183,10 +183,9 @@ def _fit_hist(vys: list[np.ndarray], core: Core) -> _Spec:
     return _Spec("hist", tables=[choose_table(np.bincount(y.ravel(), minlength=core.n))[0] for y in vys])
 
 
-def _fit_axis(hists: list[list[np.ndarray]], core: Core, param: Param,
+def _fit_axis(hists: list[np.ndarray], core: Core, param: Param,
               moments: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, list[np.ndarray]]:
-    cache = CostCache(param, core.clo, core.chi, core.esc)
-    s, m, cost = fit_lines(hists, cache, core.values(), _srange(param), moments=moments)
+    s, m, cost = fit_lines(hists, param, core.clo, core.chi, core.esc, core.values(), _srange(param), moments=moments)
     s_all, m_all = _cat(s), _cat(m)
     seg = [len(x) for x in s]
     return cost + _stream_bits(s_all, seg) + _stream_bits(m_all, seg), [s_all, m_all]
@@ -194,9 +193,9 @@ def _fit_axis(hists: list[list[np.ndarray]], core: Core, param: Param,
 
 def _search_param(vys: list[np.ndarray], core: Core, axis: int) -> tuple[float, Param, list[np.ndarray]]:
     """Greedy search: family at Q=8, then the scale grid Q, then the mean grid M."""
-    hists = [[h] for h in axis_hists(vys, core.n, axis)]
+    hists = axis_hists(vys, core.n, axis)
     # Every param below starts from the same line moments.
-    moments = [line_moments(h, core.values()) for (h,) in hists]
+    moments = [line_moments(h, core.values()) for h in hists]
     best = None
     for p in [Param(f, 8, 0) for f in FAMILIES]:
         r = _fit_axis(hists, core, p, moments)
@@ -281,7 +280,7 @@ def _fit_classes(
         rowclass = _cat(labels)
         layout = _layout(shapes, rowclass, k)
         vys = _vsplit(ys, layout)
-        cost, side = _fit_axis([[h] for h in axis_hists(vys, core.n, 1)], core, param)
+        cost, side = _fit_axis(axis_hists(vys, core.n, 1), core, param)
         cost += _stream_bits(rowclass)
         if best is None or cost < best[0]:
             best = (cost, rowclass, side)

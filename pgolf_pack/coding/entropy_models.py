@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.ctxsort import line_hists
-from ..kernels.fitcost import fit_costs, line_costs, line_moments
+from ..kernels.fitcost import LineFit, fit_costs, line_moments
 from ..kernels.rowcost import best_prior_rho2, offset_pass
 from ..kernels.rowpred import choose_row_predictors
 from ..kernels.tablebits import table_bits
@@ -148,79 +148,47 @@ def initial_scale_index(std: np.ndarray, q: int, s_min: int, s_max: int) -> np.n
 
 
 def fit_lines(
-    hists: list[list[np.ndarray]],
-    cache: CostCache,
+    hists: list[np.ndarray],
+    param: Param,
+    clo: int,
+    chi: int,
+    esc: bool,
     values: np.ndarray,
     s_range: tuple[int, int],
-    offsets: list[np.ndarray] | None = None,
-    means: list[np.ndarray] | None = None,
-    init: list[np.ndarray] | None = None,
     window: int = 2,
     rounds: int = 3,
     moments: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """ML scale index per line (row or column) of each tensor, plus its mean index.
 
-    ``hists[t]`` lists (lines, n) histograms, one per group of the other axis; ``offsets[t][g]``
-    is that group's (scale, mean) index offset, so a symbol's table key is
-    (s_line + off_s, m_line + off_m). Mean indices come from ``means`` or, when the param has a
-    mean grid, from the line's sample mean. ``moments[t]``: the (mean, std) of each line of the
-    summed histograms, when the caller fits the same histograms under several params.
+    ``hists[t]`` is tensor t's (lines, n) histograms. A line starts at the scale index of its
+    sample spread, its mean index is its sample mean on the param's mean grid (0 without one),
+    and a coordinate search (``kernels.fitcost.LineFit``) moves the scale index. ``moments[t]``:
+    the (mean, std) of each line, when the caller fits the same histograms under several params.
     Returns scale indices, mean indices, total bits.
     """
-    p = cache.param
     s_min, s_max = s_range
-    s_out, m_out, total = [], [], 0.0
-    for t, groups in enumerate(hists):
-        offs = np.asarray(offsets[t], np.int64).reshape(-1, 2) if offsets is not None else np.zeros((1, 2), np.int64)
-        if len(groups) == 1:
-            hsum = groups[0]
-        else:
-            hsum = np.sum(groups, axis=0) if len(groups) else np.zeros((0, len(values)), np.int64)
-        nlines = hsum.shape[0]
-        if nlines == 0:
+    starts, ms = [], []
+    for t, h in enumerate(hists):
+        mean, std = moments[t] if moments is not None else line_moments(h, values)
+        starts.append(initial_scale_index(std, param.q, s_min, s_max))
+        ms.append(np.round(mean * param.m).astype(np.int64) if param.m else np.zeros(h.shape[0], np.int64))
+    s_out, total = [], 0.0
+    live = [s for s in starts if s.size]
+    if not live:
+        return [np.zeros(0, np.int64) for _ in hists], ms, 0.0
+    reach = window * rounds  # no search moves a line further from its start
+    lo = max(s_min, min(int(s.min()) for s in live) - reach)
+    hi = min(s_max, max(int(s.max()) for s in live) + reach)
+    fit = LineFit(param.family, param.q, param.m, clo, chi, esc, lo, hi, np.unique(np.concatenate(ms)))
+    for h, s0, m in zip(hists, starts, ms):
+        if h.shape[0] == 0:
             s_out.append(np.zeros(0, np.int64))
-            m_out.append(np.zeros(0, np.int64))
             continue
-        mean, std = moments[t] if moments is not None else line_moments(hsum, values)
-        s = initial_scale_index(std, p.q, s_min, s_max)
-        if init is not None:
-            s = np.asarray(init[t], dtype=np.int64).copy()
-        elif offsets is not None:
-            s = np.clip(s - int(np.round(np.median(offs[:, 0]))), s_min, s_max)
-        if means is not None:
-            m = np.asarray(means[t], np.int64)
-        elif p.m:
-            m = np.round(mean * p.m).astype(np.int64)
-        else:
-            m = np.zeros(nlines, np.int64)
-        best_cost = None
-        used = [(g, os_, om) for g, (os_, om) in zip(groups, offs.tolist()) if g.any()]
-        steps = np.arange(-window, window + 1)[None, :]
-        cost = np.zeros((nlines, len(steps[0])))
-        moved = None  # the lines whose index moved last round; the others' costs stand
-        for _ in range(rounds):
-            cand = np.clip(s[:, None] + steps, s_min, s_max)
-            sel = slice(None) if moved is None else np.flatnonzero(moved)
-            c_sel, m_sel = cand[sel], m[sel]
-            part = np.zeros(c_sel.shape)
-            for g, os_, om in used:
-                keys = np.stack([c_sel + os_, np.broadcast_to(m_sel[:, None] + om, c_sel.shape)], -1)
-                uniq, inv = pair_codes(keys)
-                cst = cache.costs(uniq)
-                part += line_costs(g[sel], cst, inv.reshape(c_sel.shape))
-            cost[sel] = part
-            j = cost.argmin(axis=1)
-            s_new = cand[np.arange(nlines), j]
-            best_cost = cost[np.arange(nlines), j]
-            if np.array_equal(s_new, s):
-                break
-            moved = s_new != s
-            s = s_new
+        s, best = fit.fit(h, s0, m, s_min, s_max, window, rounds)
         s_out.append(s)
-        m_out.append(m)
-        total += float(best_cost.sum())
-    return s_out, m_out, total
+        total += float(best.sum())
+    return s_out, ms, total
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,40 @@ def _tail(family, z, coef):
     return 0.5 * (t * math.exp(-x * x + p))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _cost_row(out, s, m, family, q, mstep, clo, chi, esc, coef, z, tz, w):
+    """Code lengths of the table of key (s, m) into ``out``; z, tz, w are scratch buffers."""
+    core = chi - clo + 1
+    n = core + 2 if esc else core
+    sigma = math.exp(s / q * _LN2)
+    mu = m / mstep if mstep else 0.0
+    for i in range(core + 1):
+        z[i] = ((clo + i - 0.5) - mu) / sigma
+        tz[i] = _tail(family, abs(z[i]), coef)
+    tot = 0.0
+    for i in range(core):
+        a, b = z[i], z[i + 1]
+        if a >= 0:
+            x = tz[i] - tz[i + 1]
+        elif b <= 0:
+            x = tz[i + 1] - tz[i]
+        else:
+            x = 1.0 - tz[i] - tz[i + 1]
+        w[i] = max(x, 0.0)
+        tot += w[i]
+    if esc:
+        w[core] = tz[0] if z[0] <= 0 else 1.0 - tz[0]
+        w[core + 1] = tz[core] if z[core] >= 0 else 1.0 - tz[core]
+        tot += w[core] + w[core + 1]
+    psum = 0.0
+    for i in range(n):
+        p = w[i] / tot if tot > 0 else 1.0 / n
+        w[i] = max(p, _FLOOR)
+        psum += w[i]
+    for i in range(n):
+        out[i] = -math.log2(w[i] / psum)
+
+
 @njit(cache=True, nogil=True)
 def _fit_costs_kernel(keys, family, q, mstep, clo, chi, esc, coef):
     k = keys.shape[0]
@@ -47,33 +81,7 @@ def _fit_costs_kernel(keys, family, q, mstep, clo, chi, esc, coef):
     tz = np.empty(core + 1)
     w = np.empty(n)
     for r in range(k):
-        sigma = math.exp(keys[r, 0] / q * _LN2)
-        mu = keys[r, 1] / mstep if mstep else 0.0
-        for i in range(core + 1):
-            z[i] = ((clo + i - 0.5) - mu) / sigma
-            tz[i] = _tail(family, abs(z[i]), coef)
-        tot = 0.0
-        for i in range(core):
-            a, b = z[i], z[i + 1]
-            if a >= 0:
-                m = tz[i] - tz[i + 1]
-            elif b <= 0:
-                m = tz[i + 1] - tz[i]
-            else:
-                m = 1.0 - tz[i] - tz[i + 1]
-            w[i] = max(m, 0.0)
-            tot += w[i]
-        if esc:
-            w[core] = tz[0] if z[0] <= 0 else 1.0 - tz[0]
-            w[core + 1] = tz[core] if z[core] >= 0 else 1.0 - tz[core]
-            tot += w[core] + w[core + 1]
-        psum = 0.0
-        for i in range(n):
-            p = w[i] / tot if tot > 0 else 1.0 / n
-            w[i] = max(p, _FLOOR)
-            psum += w[i]
-        for i in range(n):
-            out[r, i] = -math.log2(w[i] / psum)
+        _cost_row(out[r], keys[r, 0], keys[r, 1], family, q, mstep, clo, chi, esc, coef, z, tz, w)
     return out
 
 
@@ -90,33 +98,6 @@ def fit_costs_ref(family: str, q: int, mstep: int, clo: int, chi: int, esc: bool
     from ..coding.entropy_tables import Param, param_tables
 
     return fit_cost_bits(param_tables(Param(family, q, mstep), clo, chi, esc, keys, np.exp))
-
-
-@njit(cache=True, nogil=True)
-def _line_costs_kernel(h, cst, idx):
-    lines, n = h.shape
-    k = idx.shape[1]
-    out = np.zeros((lines, k))
-    for r in range(lines):
-        for j in range(n):
-            c = h[r, j]
-            if c != 0:  # line histograms are mostly empty on wide alphabets
-                cf = float(c)
-                for q in range(k):
-                    out[r, q] += cf * cst[idx[r, q], j]
-    return out
-
-
-def line_costs(h: np.ndarray, cst: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """(lines, K) bits of each line's histogram ``h`` (lines, n) under the K candidate tables
-    ``cst[idx[line]]`` (code lengths, (U, n)); the sum runs over the nonzero counts only."""
-    return _line_costs_kernel(np.ascontiguousarray(h), np.ascontiguousarray(cst, dtype=np.float64),
-                              np.ascontiguousarray(idx, dtype=np.int64))
-
-
-def line_costs_ref(h: np.ndarray, cst: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Numpy reference for :func:`line_costs` (the expression ``fit_lines`` used)."""
-    return np.einsum("ln,lkn->lk", h.astype(np.float64), cst[idx])
 
 
 @njit(cache=True, nogil=True)
@@ -153,3 +134,117 @@ def line_moments_ref(h: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.
     mean = (h * values[None, :]).sum(axis=1) / tot
     var = (h * (values[None, :] - mean[:, None]) ** 2).sum(axis=1) / tot
     return mean, np.sqrt(var)
+
+
+@njit(cache=True, nogil=True)
+def _fit_lines_kernel(h, s0, m_col, m_val, s_lo, s_min, s_max, window, rounds,
+                      family, q, mstep, clo, chi, esc, coef, index, rows, nrows):
+    lines, n = h.shape
+    core = chi - clo + 1
+    z = np.empty(core + 1)
+    tz = np.empty(core + 1)
+    w = np.empty(n)
+    k = 2 * window + 1
+    s = s0.copy()
+    cost = np.zeros((lines, k))
+    best = np.zeros(lines)
+    moved = np.ones(lines, np.bool_)
+    for _ in range(rounds):
+        for r in range(lines):
+            if not moved[r]:
+                continue  # same candidates as last round: same costs
+            for j in range(k):
+                sk = min(max(s[r] + j - window, s_min), s_max)
+                at = index[sk - s_lo, m_col[r]]
+                if at < 0:
+                    if nrows == rows.shape[0]:
+                        grown = np.empty((2 * rows.shape[0] + 16, n))
+                        grown[:nrows] = rows[:nrows]
+                        rows = grown
+                    _cost_row(rows[nrows], sk, m_val[r], family, q, mstep, clo, chi, esc, coef, z, tz, w)
+                    at = nrows
+                    index[sk - s_lo, m_col[r]] = at
+                    nrows += 1
+                acc = 0.0
+                for b in range(n):
+                    c = h[r, b]
+                    if c != 0:  # line histograms are mostly empty on wide alphabets
+                        acc += float(c) * rows[at, b]
+                cost[r, j] = acc
+        same = True
+        for r in range(lines):
+            jb = 0
+            for j in range(1, k):
+                if cost[r, j] < cost[r, jb]:
+                    jb = j
+            sn = min(max(s[r] + jb - window, s_min), s_max)
+            best[r] = cost[r, jb]
+            moved[r] = sn != s[r]
+            if moved[r]:
+                same = False
+            s[r] = sn
+        if same:
+            break
+    return s, best, rows, nrows
+
+
+class LineFit:
+    """Scale-index fits of many lines' histograms under one table family, the tables' code
+    lengths computed once per (scale index, mean index) key for all the lines it serves.
+
+    ``s_lo..s_hi`` and ``m_vals`` bound the keys the fits may touch (``index`` is dense over
+    them); each fit moves a line's index by at most ``window`` per round from where it starts.
+    """
+
+    def __init__(self, family: str, q: int, mstep: int, clo: int, chi: int, esc: bool,
+                 s_lo: int, s_hi: int, m_vals: np.ndarray):
+        self.args = ({"gauss": _GAUSS, "laplace": _LAPLACE}[family], int(q), int(mstep), int(clo), int(chi),
+                     bool(esc), _ERFC_COEF)
+        self.s_lo = int(s_lo)
+        self.m_vals = np.asarray(m_vals, np.int64)
+        self.index = np.full((max(s_hi - s_lo + 1, 1), max(len(self.m_vals), 1)), -1, np.int64)
+        n = chi - clo + 1 + (2 if esc else 0)
+        self.rows = np.empty((64, n))
+        self.nrows = 0
+
+    def fit(self, h: np.ndarray, s0: np.ndarray, m: np.ndarray, s_min: int, s_max: int, window: int,
+            rounds: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per line of ``h`` (lines, n): the scale index the coordinate search ends at, starting
+        from ``s0`` with mean indices ``m``, and the line's bits there. Each round moves every
+        line to the cheapest of its index +- window (the first on a tie); the search stops when
+        no line moves."""
+        m = np.asarray(m, np.int64)
+        col = np.searchsorted(self.m_vals, m)
+        s, best, self.rows, self.nrows = _fit_lines_kernel(
+            np.ascontiguousarray(h), np.asarray(s0, np.int64), col, m, self.s_lo, int(s_min), int(s_max),
+            int(window), int(rounds), *self.args, self.index, self.rows, self.nrows)
+        return s, best
+
+
+def line_fit_ref(h, s0, m, s_min, s_max, window, rounds, family, q, mstep, clo, chi, esc):
+    """Numpy reference for :meth:`LineFit.fit` (the loop ``fit_lines`` ran before the kernel).
+
+    The tables' code lengths come from :func:`fit_costs` (tested against numpy on its own): on a
+    saturated grid candidates' tables differ in the last ulps only, and must compare the same.
+    """
+    s = np.asarray(s0, np.int64).copy()
+    m = np.asarray(m, np.int64)
+    steps = np.arange(-window, window + 1)[None, :]
+    best = np.zeros(len(s))
+    if len(s) == 0:
+        return s, best
+    for _ in range(rounds):
+        cand = np.clip(s[:, None] + steps, s_min, s_max)
+        keys = np.stack([cand, np.broadcast_to(m[:, None], cand.shape)], -1).reshape(-1, 2)
+        cst = fit_costs(family, q, mstep, clo, chi, esc, keys).reshape(cand.shape + (-1,))
+        # Summed left to right (cumsum adds sequentially), as the kernel does: near-saturated
+        # tables tie candidates to the last ulps, where another order would pick another one.
+        terms = h.astype(np.float64)[:, None, :] * cst
+        cost = np.cumsum(terms, axis=-1)[..., -1] if terms.shape[-1] else np.zeros(cand.shape)
+        j = cost.argmin(axis=1)
+        s_new = cand[np.arange(len(s)), j]
+        best = cost[np.arange(len(s)), j]
+        if np.array_equal(s_new, s):
+            break
+        s = s_new
+    return s, best
