@@ -271,7 +271,7 @@ def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
     iid = np.clip(np.round(rng.standard_normal((1100, 1024)) * np.geomspace(0.3, 10, 1024)), -31, 31).astype(np.int8)
     g = _symbol_group(iid)
     ent, desc = encode_group(g, "entropy")
-    laid = _laid_out(g, _best_layout(g))
+    laid = _best_layout(g)[1]
     assert all(_hopeless(c, laid, len(ent)) for c in ("brotli", "zstd", "lzma"))
     # Row and column spreads over two decades in wide codes, as rate-distortion codes are: the
     # fast zstd's size of the slice alone settles it, no slow codec needs to run.
@@ -279,7 +279,7 @@ def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
                     * rng.permutation(np.geomspace(0.1, 10, 1024))[None, :]).astype(np.int16)
     gw = Group("g:q:<i2", "symbols", [("t", "q")], [wide], int(wide.min()), int(wide.max()))
     ent_w, _ = encode_group(gw, "entropy")
-    piece = _Slice(_laid_out(gw, _best_layout(gw)))
+    piece = _Slice(_best_layout(gw)[1])
     assert _SLOW_OVER_FAST_MIN * piece.fast > _SAMPLE_MARGIN * len(ent_w)
     assert encode_group(gw, "auto-fast")[0] == ent_w
     payload, desc = encode_group(g, "auto-fast")
@@ -293,9 +293,9 @@ def test_auto_fast_skips_hopeless_byte_codecs_but_keeps_winners():
     assert desc["codec"] != "entropy" and len(payload) < len(ent) / 10
     # Small groups are never sampled: every codec runs.
     small = _symbol_group(iid[:32])
-    assert not _hopeless("zstd", _laid_out(small, _best_layout(small)), 1)
+    assert not _hopeless("zstd", _best_layout(small)[1], 1)
     # A group between the screening and the sampling size is screened by zstd-3 on all of it.
     mid = _symbol_group(iid[:600])
-    mid_laid = _laid_out(mid, _best_layout(mid, sampled=True))
+    mid_laid = _best_layout(mid, sampled=True)[1]
     assert _SCREEN_MIN <= len(mid_laid) < _SAMPLE_MIN
     assert _hopeless("brotli", mid_laid, 1) and not _hopeless("brotli", mid_laid, 10 * len(mid_laid))

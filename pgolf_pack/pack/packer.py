@@ -163,26 +163,28 @@ def _encode_with(desc: dict, g: Group, laid: bytes | None = None) -> tuple[bytes
     return c.encode(laid if laid is not None else _laid_out(g, Layout.from_dict(desc["layout"]))), desc
 
 
-def _best_layout(g: Group, sampled: bool = False) -> Layout:
-    """The layout a fast zstd codes smallest; ``sampled`` (auto-fast) ranks a large group's
-    layouts on their :class:`_Slice` instead of the whole (an eighth of the cost)."""
+def _best_layout(g: Group, sampled: bool = False) -> tuple[Layout, bytes]:
+    """The layout a fast zstd codes smallest, and the group laid out in it; ``sampled``
+    (auto-fast) ranks a large group's layouts on their :class:`_Slice` instead of the whole
+    (an eighth of the cost)."""
     cands = candidate_layouts(g.arrays[0].dtype.str, g.lo, g.hi, max(_as_2d(a).shape[0] for a in g.arrays))
     if len(cands) == 1:
-        return cands[0]
+        return cands[0], _laid_out(g, cands[0])
     # A fast zstd ranks the layouts; the expensive final codecs then run once, on the winner.
     import zstandard
 
     proxy = zstandard.ZstdCompressor(level=6)
-
-    def size(lay: Layout) -> float:
+    best: tuple[float, Layout, bytes] | None = None
+    for lay in cands:
         data = _laid_out(g, lay)
-        if not sampled:
-            return len(proxy.compress(data))
-        piece = _Slice(data, _head(g, lay))
-        return piece.size(len(proxy.compress(piece.data)))
-
-    sizes = [size(lay) for lay in cands]
-    return cands[int(np.argmin(sizes))]
+        if sampled:
+            piece = _Slice(data, _head(g, lay))
+            size = piece.size(len(proxy.compress(piece.data)))
+        else:
+            size = len(proxy.compress(data))
+        if best is None or size < best[0]:  # the first on a tie, as argmin
+            best = (size, lay, data)
+    return best[1], best[2]
 
 
 def _head(g: Group, lay: Layout) -> int:
@@ -260,7 +262,7 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
     if fixed is not None:
         return _encode_with(dict(fixed), g)
     options: list[dict] = []
-    layout = None
+    layout, laid = None, b""
     for c in _candidates(codec, g.kind):
         if g.kind == "side":
             for sh in ([False, True] if g.arrays and g.arrays[0].dtype.itemsize > 1 else [False]):
@@ -269,14 +271,12 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
             options.append({"codec": c.name})
         else:
             if layout is None:
-                layout = _best_layout(g, sampled=codec == "auto-fast")
+                # Every byte codec gets the same layout, laid out once.
+                layout, laid = _best_layout(g, sampled=codec == "auto-fast")
             options.append({"codec": c.name, "layout": layout.to_dict()})
     best: tuple[bytes, dict] | None = None
-    laid: bytes | None = None  # every byte codec gets the same layout: encode it once
     piece: _Slice | None = None
     for desc in options:
-        if "layout" in desc and laid is None:
-            laid = _laid_out(g, Layout.from_dict(desc["layout"]))
         if codec == "auto-fast" and best is not None and "layout" in desc:
             piece = piece or _Slice(laid, _head(g, layout))
             if _hopeless(desc["codec"], laid, len(best[0]), piece):
