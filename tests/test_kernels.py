@@ -399,9 +399,7 @@ def test_line_fit_matches_numpy_search(family, mstep, tensors, lines, width, esc
         s0 = rng.integers(s_min, s_min + 40, lines)  # near the grid's edge: clipped candidates tie
         m = rng.integers(-4, 5, lines) if mstep else np.zeros(lines, np.int64)
         fits.append((h, s0, m))
-    ms = np.unique(np.concatenate([m for _, _, m in fits]))
-    reach = window * rounds
-    fit = LineFit(family, q, mstep, clo, chi, esc, s_min, s_min + 40 + reach, ms)
+    fit = LineFit(family, q, mstep, clo, chi, esc)
     for h, s0, m in fits:
         s, best = fit.fit(h, s0, m, s_min, s_max, window, rounds)
         s_ref, best_ref = line_fit_ref(h, s0, m, s_min, s_max, window, rounds, family, q, mstep, clo, chi, esc)

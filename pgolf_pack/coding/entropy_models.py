@@ -174,13 +174,7 @@ def fit_lines(
         starts.append(initial_scale_index(std, param.q, s_min, s_max))
         ms.append(np.round(mean * param.m).astype(np.int64) if param.m else np.zeros(h.shape[0], np.int64))
     s_out, total = [], 0.0
-    live = [s for s in starts if s.size]
-    if not live:
-        return [np.zeros(0, np.int64) for _ in hists], ms, 0.0
-    reach = window * rounds  # no search moves a line further from its start
-    lo = max(s_min, min(int(s.min()) for s in live) - reach)
-    hi = min(s_max, max(int(s.max()) for s in live) + reach)
-    fit = LineFit(param.family, param.q, param.m, clo, chi, esc, lo, hi, np.unique(np.concatenate(ms)))
+    fit = LineFit(param.family, param.q, param.m, clo, chi, esc)
     for h, s0, m in zip(hists, starts, ms):
         if h.shape[0] == 0:
             s_out.append(np.zeros(0, np.int64))

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.typed import Dict
 
 _GAUSS, _LAPLACE = 0, 1
 _LN2 = 6.93147180369123816490e-01 + 1.90821492927058770002e-10
 _SQRT1_2 = 0.70710678118654752440
 _FLOOR = 2.0**-24  # entropy_tables.ANS_PRECISION
+_S_BITS = 21  # a table key (s, m) as one int64: m above, s + 2**20 below (|s| < 2**20, |m| < 2**41)
 _ERFC_COEF = np.array([
     -1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
     0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277,
@@ -137,7 +139,7 @@ def line_moments_ref(h: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.
 
 
 @njit(cache=True, nogil=True)
-def _fit_lines_kernel(h, s0, m_col, m_val, s_lo, s_min, s_max, window, rounds,
+def _fit_lines_kernel(h, s0, m_val, s_min, s_max, window, rounds,
                       family, q, mstep, clo, chi, esc, coef, index, rows, nrows):
     lines, n = h.shape
     core = chi - clo + 1
@@ -155,7 +157,8 @@ def _fit_lines_kernel(h, s0, m_col, m_val, s_lo, s_min, s_max, window, rounds,
                 continue  # same candidates as last round: same costs
             for j in range(k):
                 sk = min(max(s[r] + j - window, s_min), s_max)
-                at = index[sk - s_lo, m_col[r]]
+                key = (m_val[r] << _S_BITS) + (sk + (1 << (_S_BITS - 1)))
+                at = index[key] if key in index else -1
                 if at < 0:
                     if nrows == rows.shape[0]:
                         grown = np.empty((2 * rows.shape[0] + 16, n))
@@ -163,7 +166,7 @@ def _fit_lines_kernel(h, s0, m_col, m_val, s_lo, s_min, s_max, window, rounds,
                         rows = grown
                     _cost_row(rows[nrows], sk, m_val[r], family, q, mstep, clo, chi, esc, coef, z, tz, w)
                     at = nrows
-                    index[sk - s_lo, m_col[r]] = at
+                    index[key] = at
                     nrows += 1
                 acc = 0.0
                 for b in range(n):
@@ -190,19 +193,13 @@ def _fit_lines_kernel(h, s0, m_col, m_val, s_lo, s_min, s_max, window, rounds,
 
 class LineFit:
     """Scale-index fits of many lines' histograms under one table family, the tables' code
-    lengths computed once per (scale index, mean index) key for all the lines it serves.
+    lengths computed once per (scale index, mean index) key for all the lines it serves (a
+    hash map holds the keys met so far: only the few around each line's start are)."""
 
-    ``s_lo..s_hi`` and ``m_vals`` bound the keys the fits may touch (``index`` is dense over
-    them); each fit moves a line's index by at most ``window`` per round from where it starts.
-    """
-
-    def __init__(self, family: str, q: int, mstep: int, clo: int, chi: int, esc: bool,
-                 s_lo: int, s_hi: int, m_vals: np.ndarray):
+    def __init__(self, family: str, q: int, mstep: int, clo: int, chi: int, esc: bool):
         self.args = ({"gauss": _GAUSS, "laplace": _LAPLACE}[family], int(q), int(mstep), int(clo), int(chi),
                      bool(esc), _ERFC_COEF)
-        self.s_lo = int(s_lo)
-        self.m_vals = np.asarray(m_vals, np.int64)
-        self.index = np.full((max(s_hi - s_lo + 1, 1), max(len(self.m_vals), 1)), -1, np.int64)
+        self.index = Dict.empty(key_type=types.int64, value_type=types.int64)
         n = chi - clo + 1 + (2 if esc else 0)
         self.rows = np.empty((64, n))
         self.nrows = 0
@@ -214,9 +211,10 @@ class LineFit:
         line to the cheapest of its index +- window (the first on a tie); the search stops when
         no line moves."""
         m = np.asarray(m, np.int64)
-        col = np.searchsorted(self.m_vals, m)
+        if max(abs(s_min), abs(s_max)) >= 1 << (_S_BITS - 1) or (m.size and np.abs(m).max() >= 1 << 41):
+            raise ValueError("entropy table key out of range")
         s, best, self.rows, self.nrows = _fit_lines_kernel(
-            np.ascontiguousarray(h), np.asarray(s0, np.int64), col, m, self.s_lo, int(s_min), int(s_max),
+            np.ascontiguousarray(h), np.asarray(s0, np.int64), m, int(s_min), int(s_max),
             int(window), int(rounds), *self.args, self.index, self.rows, self.nrows)
         return s, best
 
