@@ -163,28 +163,31 @@ def _encode_with(desc: dict, g: Group, laid: bytes | None = None) -> tuple[bytes
     return c.encode(laid if laid is not None else _laid_out(g, Layout.from_dict(desc["layout"]))), desc
 
 
-def _best_layout(g: Group, sampled: bool = False) -> tuple[Layout, bytes]:
-    """The layout a fast zstd codes smallest, and the group laid out in it; ``sampled``
-    (auto-fast) ranks a large group's layouts on their :class:`_Slice` instead of the whole
-    (an eighth of the cost)."""
+def _best_layout(g: Group, sampled: bool = False) -> tuple[Layout, bytes, _Slice | None]:
+    """The layout a fast zstd codes smallest, the group laid out in it, and (``sampled``, a
+    group over the sampling size) the winner's :class:`_Slice`.
+
+    ``sampled`` (auto-fast) ranks a large group's layouts on their slices instead of the whole
+    (an eighth of the cost) and with zstd-3 rather than zstd-6, so the winner's ranking size is
+    its slice's fast size, the screen :func:`_hopeless` starts from."""
     cands = candidate_layouts(g.arrays[0].dtype.str, g.lo, g.hi, max(_as_2d(a).shape[0] for a in g.arrays))
-    if len(cands) == 1:
-        return cands[0], _laid_out(g, cands[0])
     # A fast zstd ranks the layouts; the expensive final codecs then run once, on the winner.
     import zstandard
 
-    proxy = zstandard.ZstdCompressor(level=6)
-    best: tuple[float, Layout, bytes] | None = None
+    best: tuple[float, Layout, bytes, _Slice | None] | None = None
     for lay in cands:
         data = _laid_out(g, lay)
-        if sampled:
+        if len(cands) == 1:
+            return lay, data, None
+        piece = None
+        if sampled and len(data) >= _SAMPLE_MIN:
             piece = _Slice(data, _head(g, lay))
-            size = piece.size(len(proxy.compress(piece.data)))
+            size = piece.fast
         else:
-            size = len(proxy.compress(data))
+            size = len(zstandard.ZstdCompressor(level=6).compress(data))
         if best is None or size < best[0]:  # the first on a tie, as argmin
-            best = (size, lay, data)
-    return best[1], best[2]
+            best = (size, lay, data, piece)
+    return best[1], best[2], best[3]
 
 
 def _head(g: Group, lay: Layout) -> int:
@@ -262,7 +265,7 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
     if fixed is not None:
         return _encode_with(dict(fixed), g)
     options: list[dict] = []
-    layout, laid = None, b""
+    layout, laid, piece = None, b"", None
     for c in _candidates(codec, g.kind):
         if g.kind == "side":
             for sh in ([False, True] if g.arrays and g.arrays[0].dtype.itemsize > 1 else [False]):
@@ -272,10 +275,9 @@ def encode_group(g: Group, codec: str, fixed: dict | None = None) -> tuple[bytes
         else:
             if layout is None:
                 # Every byte codec gets the same layout, laid out once.
-                layout, laid = _best_layout(g, sampled=codec == "auto-fast")
+                layout, laid, piece = _best_layout(g, sampled=codec == "auto-fast")
             options.append({"codec": c.name, "layout": layout.to_dict()})
     best: tuple[bytes, dict] | None = None
-    piece: _Slice | None = None
     for desc in options:
         if codec == "auto-fast" and best is not None and "layout" in desc:
             piece = piece or _Slice(laid, _head(g, layout))
