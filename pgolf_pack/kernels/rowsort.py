@@ -58,9 +58,9 @@ def l1_chain_order(matrix: np.ndarray) -> np.ndarray:
     """
     m = _as_matrix(matrix)
     # int16 rows vectorize best; wider symbols fall back to int64 so differences cannot wrap.
-    fits16 = m.dtype.itemsize == 1 or (m.size == 0 or (m.min() >= -32768 and m.max() <= 32767))
-    m = m.astype(np.int16 if fits16 else np.int64)
-    return _chain_kernel(np.ascontiguousarray(m))
+    fits16 = (m.dtype.itemsize == 1 or m.dtype == np.int16 or m.size == 0
+              or (m.min() >= -32768 and m.max() <= 32767))
+    return _chain_kernel(np.ascontiguousarray(m.astype(np.int16 if fits16 else np.int64, copy=False)))
 
 
 def l1_chain_order_ref(matrix: np.ndarray) -> np.ndarray:
