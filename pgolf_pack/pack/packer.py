@@ -217,8 +217,8 @@ _CHUNKS = 64
 class _Slice:
     """Evenly spaced chunks of a laid-out group, an eighth of it in all (a column-major layout
     changes statistics along the stream, so one contiguous slice would not be representative;
-    sixteen chunks were too few, their spacing aliased with the byte planes of a layout), and the
-    fast coder's size of it, both made at most once per group. The first ``head`` bytes, a
+    with sixteen chunks the estimate fell to 0.865 of the whole on one row-sorted bench group),
+    and the fast coder's size of it, both made at most once per group. The first ``head`` bytes, a
     row-sorted layout's permutations (packed indices, next to incompressible), are left out of
     the chunks and counted at their length."""
 
