@@ -198,7 +198,7 @@ def _head(g: Group, lay: Layout) -> int:
 # scaled up, is clearly bigger than what is already in hand: the slow settings (brotli-11, lzma-9e,
 # zstd-22) cost minutes on a 17M-parameter model and rarely beat the entropy coder on quantized
 # symbols. The slice's estimate errs both ways (on the 47 symbol groups of at least 256 KiB in six
-# bench artifacts, RTN/GPTQ int6, the record recipe, three ECSQ rates: 0.965-1.20 of the whole
+# bench artifacts, RTN/GPTQ int6, the record recipe, three ECSQ rates: 0.964-1.20 of the whole
 # group's size, within 3.6% on int6 codes, the large errors on ECSQ codes the entropy coder codes
 # far smaller); the margin keeps codecs that are close in the race.
 _SAMPLE_MIN = 1 << 20
