@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.ctxsort import line_hists
-from ..kernels.fitcost import LineFit, fit_costs, line_moments
+from ..kernels.fitcost import LineFit, fit_costs, key_codes, line_moments
 from ..kernels.rowcost import best_prior_rho2, offset_pass
 from ..kernels.rowpred import choose_row_predictors
 from ..kernels.tablebits import table_bits
@@ -106,7 +106,7 @@ class CostCache(TableCache):
 
     def costs(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
-        code = _pair_code(keys)
+        code = key_codes(keys)
         pos, hit = self._find(code)
         if not hit.all():
             # Rows depend only on their own key, so the batch (and its order) is free to choose.
@@ -129,17 +129,6 @@ class CostCache(TableCache):
             self._n += len(missing)
             pos, hit = self._find(code)
         return self._rows[self._ids[pos]]
-
-
-_S_BITS = 21  # scale indices stay within +-2**20 (the grid spans 2**-6 .. 2**24 at Q <= 16)
-
-
-def _pair_code(keys: np.ndarray) -> np.ndarray:
-    """One int64 per (scale, mean) key: mean indices (up to 2**41, a 33-bit residual range at the
-    finest mean grid) in the high bits, the biased scale index in the low ones."""
-    if keys.size and (np.abs(keys[:, 0]).max() >= 1 << (_S_BITS - 1) or np.abs(keys[:, 1]).max() >= 1 << 41):
-        raise ValueError("entropy table key out of range")
-    return (keys[:, 1] << _S_BITS) + (keys[:, 0] + (1 << (_S_BITS - 1)))
 
 
 def initial_scale_index(std: np.ndarray, q: int, s_min: int, s_max: int) -> np.ndarray:

@@ -3,8 +3,8 @@
 The fits price tens of thousands of (scale index, mean index) keys, each a table over the whole
 core alphabet; as numpy expressions that was a dozen temporaries per entry and most of a
 wide-alphabet fit. These lengths only steer the fits' choices (libm ``exp``, sequential sums),
-so they may differ from the numpy reference in the last ulps; the coder's own tables stay in
-``coding.entropy_tables``.
+so they may differ from the coder's exact tables (``coding.entropy_tables``, whose formulas and
+constants they evaluate) in the last ulps.
 """
 
 from __future__ import annotations
@@ -15,15 +15,29 @@ import numpy as np
 from numba import njit, types
 from numba.typed import Dict
 
-_GAUSS, _LAPLACE = 0, 1
-_LN2 = 6.93147180369123816490e-01 + 1.90821492927058770002e-10
-_SQRT1_2 = 0.70710678118654752440
-_FLOOR = 2.0**-24  # entropy_tables.ANS_PRECISION
-_S_BITS = 21  # a table key (s, m) as one int64: m above, s + 2**20 below (|s| < 2**20, |m| < 2**41)
-_ERFC_COEF = np.array([
-    -1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
-    0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277,
-])
+from ..coding.entropy_tables import _ERFC_COEF as _ERFC_LIST
+from ..coding.entropy_tables import _LN2_HI, _LN2_LO, _SQRT1_2, ANS_PRECISION, FAMILIES
+
+_GAUSS, _LAPLACE = FAMILIES.index("gauss"), FAMILIES.index("laplace")
+_LN2 = _LN2_HI + _LN2_LO  # as entropy_tables.scale_of adds them
+_FLOOR = 2.0**-ANS_PRECISION
+_ERFC_COEF = np.array(_ERFC_LIST)
+# A table key (s, m) as one int64: m above, s + 2**20 below. Scale indices stay within 2**20 (the
+# grid spans 2**-6 .. 2**24 at Q <= 16); means within 2**41 (a 33-bit residual range, finest grid).
+_S_BITS = 21
+
+
+def check_keys(s: np.ndarray, m: np.ndarray) -> None:
+    """Refuse (scale, mean) indices that one int64 key code cannot hold."""
+    s, m = np.asarray(s), np.asarray(m)
+    if (s.size and np.abs(s).max() >= 1 << (_S_BITS - 1)) or (m.size and np.abs(m).max() >= 1 << 41):
+        raise ValueError("entropy table key out of range")
+
+
+def key_codes(keys: np.ndarray) -> np.ndarray:
+    """One int64 per (scale, mean) key (K, 2), as the line-fit kernel codes them."""
+    check_keys(keys[:, 0], keys[:, 1])
+    return (keys[:, 1] << _S_BITS) + (keys[:, 0] + (1 << (_S_BITS - 1)))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -90,12 +104,13 @@ def _fit_costs_kernel(keys, family, q, mstep, clo, chi, esc, coef):
 def fit_costs(family: str, q: int, mstep: int, clo: int, chi: int, esc: bool, keys: np.ndarray) -> np.ndarray:
     """(K, n) code lengths in bits of the tables for (scale index, mean index) keys (K, 2)."""
     keys = np.ascontiguousarray(np.asarray(keys, dtype=np.int64).reshape(-1, 2))
-    fam = {"gauss": _GAUSS, "laplace": _LAPLACE}[family]
-    return _fit_costs_kernel(keys, fam, int(q), int(mstep), int(clo), int(chi), bool(esc), _ERFC_COEF)
+    return _fit_costs_kernel(keys, FAMILIES.index(family), int(q), int(mstep), int(clo), int(chi), bool(esc),
+                             _ERFC_COEF)
 
 
 def fit_costs_ref(family: str, q: int, mstep: int, clo: int, chi: int, esc: bool, keys: np.ndarray) -> np.ndarray:
-    """Numpy reference for :func:`fit_costs`: the tables' numpy expression with libm exp."""
+    """Numpy reference for :func:`fit_costs`: the tables' numpy expression with libm exp (far in
+    a tail a mass is a difference of two tiny tails, which another exp would move wholesale)."""
     from ..coding.entropy_models import fit_cost_bits
     from ..coding.entropy_tables import Param, param_tables
 
@@ -197,8 +212,7 @@ class LineFit:
     hash map holds the keys met so far: only the few around each line's start are)."""
 
     def __init__(self, family: str, q: int, mstep: int, clo: int, chi: int, esc: bool):
-        self.args = ({"gauss": _GAUSS, "laplace": _LAPLACE}[family], int(q), int(mstep), int(clo), int(chi),
-                     bool(esc), _ERFC_COEF)
+        self.args = (FAMILIES.index(family), int(q), int(mstep), int(clo), int(chi), bool(esc), _ERFC_COEF)
         self.index = Dict.empty(key_type=types.int64, value_type=types.int64)
         n = chi - clo + 1 + (2 if esc else 0)
         self.rows = np.empty((64, n))
@@ -211,8 +225,7 @@ class LineFit:
         line to the cheapest of its index +- window (the first on a tie); the search stops when
         no line moves."""
         m = np.asarray(m, np.int64)
-        if max(abs(s_min), abs(s_max)) >= 1 << (_S_BITS - 1) or (m.size and np.abs(m).max() >= 1 << 41):
-            raise ValueError("entropy table key out of range")
+        check_keys(np.array([s_min, s_max]), m)
         s, best, self.rows, self.nrows = _fit_lines_kernel(
             np.ascontiguousarray(h), np.asarray(s0, np.int64), m, int(s_min), int(s_max),
             int(window), int(rounds), *self.args, self.index, self.rows, self.nrows)
