@@ -171,20 +171,21 @@ def _best_layout(g: Group, sampled: bool = False) -> tuple[Layout, bytes, _Slice
     (an eighth of the cost) and with zstd-3 rather than zstd-6, so the winner's ranking size is
     its slice's fast size, the screen :func:`_hopeless` starts from."""
     cands = candidate_layouts(g.arrays[0].dtype.str, g.lo, g.hi, max(_as_2d(a).shape[0] for a in g.arrays))
+    if len(cands) == 1:
+        return cands[0], _laid_out(g, cands[0]), None
     # A fast zstd ranks the layouts; the expensive final codecs then run once, on the winner.
     import zstandard
 
+    proxy = zstandard.ZstdCompressor(level=6)
     best: tuple[float, Layout, bytes, _Slice | None] | None = None
     for lay in cands:
         data = _laid_out(g, lay)
-        if len(cands) == 1:
-            return lay, data, None
         piece = None
         if sampled and len(data) >= _SAMPLE_MIN:
             piece = _Slice(data, _head(g, lay))
             size = piece.fast
         else:
-            size = len(zstandard.ZstdCompressor(level=6).compress(data))
+            size = len(proxy.compress(data))
         if best is None or size < best[0]:  # the first on a tie, as argmin
             best = (size, lay, data, piece)
     return best[1], best[2], best[3]
@@ -225,7 +226,7 @@ class _Slice:
     def __init__(self, data: bytes, head: int = 0) -> None:
         self.head = head if len(data) >= _SAMPLE_MIN else 0
         body = data[self.head:]
-        self.data = self.sample(body) if self.head else self.sample(data)
+        self.data = self.sample(body)
         self.scale = len(body) / max(len(self.data), 1)
 
     def size(self, coded: int) -> float:
