@@ -13,9 +13,10 @@ set of contexts with one probability table per context:
   group of earlier rows; the residuals are coded with ``rc``.
 
 ``auto`` fits every model (``ref`` only when row prediction would touch enough rows) and keeps
-the shortest code, running the coder only on models whose bounded length can still win. On the bench checkpoint's int6 RTN symbols each column is close to a
-discretized Gaussian (the heavy tails of a whole tensor come from columns of different scale),
-so the parametric tables cost within 0.1% of per-column empirical ones and need no storage.
+the shortest code, running the coder only on models whose bounded length can still win. On the
+bench checkpoint's int6 RTN symbols each column is close to a discretized Gaussian (the heavy
+tails of a whole tensor come from columns of different scale), so the parametric tables cost
+within 0.1% of per-column empirical ones and need no storage.
 
 Values outside a core window of at most ``MAX_CORE`` symbols become escape symbols; their
 magnitudes follow as ANS-coded bit-length buckets plus raw mantissa bits, so wide (int16/int32)
@@ -633,13 +634,12 @@ def _buffer_size(side: bytes, esc: bytes, ans_bytes: int) -> int:
     return len(MAGIC) + 2 + len(_varint(payload)) + 4 + payload
 
 
-def _shortest(fits: list[EntropyModel]) -> tuple[bytes, EntropyModel] | None:
+def _shortest(fits: list[EntropyModel], bounded: bool = True) -> tuple[bytes, EntropyModel] | None:
     """The shortest encoding of the fits (the first on a tie), running the coder only on the
     fits that can be shortest: one whose length is surely above another's upper bound is
-    strictly longer than that one, so it can neither win nor tie."""
-    if len(fits) == 1:
-        return fits[0].encode(), fits[0]
-    bounds = [f.size_bounds() for f in fits]
+    strictly longer than that one, so it can neither win nor tie (``bounded=False``: every fit
+    is encoded)."""
+    bounds = [f.size_bounds() for f in fits] if bounded and len(fits) > 1 else [None] * len(fits)
     known = [b[1] for b in bounds if b is not None]
     cap = min(known) if known else None
     best: tuple[bytes, EntropyModel] | None = None
@@ -650,16 +650,7 @@ def _shortest(fits: list[EntropyModel]) -> tuple[bytes, EntropyModel] | None:
         if b is not None and not b[0] <= len(buf) <= b[1]:
             # The installed constriction codes unlike the replica the bounds rest on (another
             # version?): they prove nothing then, so every fit is encoded.
-            return _encode_all(fits)
-        if best is None or len(buf) < len(best[0]):
-            best = (buf, f)
-    return best
-
-
-def _encode_all(fits: list[EntropyModel]) -> tuple[bytes, EntropyModel] | None:
-    best: tuple[bytes, EntropyModel] | None = None
-    for f in fits:
-        buf = f.encode()
+            return _shortest(fits, bounded=False)
         if best is None or len(buf) < len(best[0]):
             best = (buf, f)
     return best
