@@ -15,9 +15,15 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _coef(cpx, cpp, den, kmax):
-    k = np.rint(den * cpx / (cpp if cpp > 0 else 1.0))
-    return min(max(k, -kmax), kmax)
+def _gain(cpx, cpp, nrm_r, e0, cols, floor, side, den, kmax):
+    """(estimated bits saved, coefficient) of predicting a row of energy ``nrm_r`` from a
+    reference with dot product ``cpx`` and energy ``cpp``; -inf where the coefficient rounds to 0."""
+    k = min(max(np.rint(den * cpx / (cpp if cpp > 0 else 1.0)), -kmax), kmax)
+    if k == 0:
+        return -np.inf, k
+    c = k / den
+    e = max(nrm_r - 2 * c * cpx + c * c * cpp, 0.0) + cols / 12.0
+    return 0.5 * cols * math.log2(e0 / max(e + floor, 1e-9)) - side - 4.0, k
 
 
 @njit(cache=True, nogil=True)
@@ -41,12 +47,7 @@ def _rows_kernel(gram, nrm, b0, cols, floor, den, kmax, state, group_of, counts,
             side = math.log2(r) + 1.5
             gain_max, arg, karg = -np.inf, -1, 0.0
             for i in range(r):
-                k = _coef(gram[i, j], nrm[i], den, kmax)
-                if k == 0:
-                    continue
-                c = k / den
-                e = max(nrm[r] - 2 * c * gram[i, j] + c * c * nrm[i], 0.0) + cols / 12.0
-                gain = 0.5 * cols * math.log2(e0 / max(e + floor, 1e-9)) - side - 4.0
+                gain, k = _gain(gram[i, j], nrm[i], nrm[r], e0, cols, floor, side, den, kmax)
                 if gain > gain_max:
                     gain_max, arg, karg = gain, i, k
             if arg >= 0 and gain_max > best_gain:
@@ -57,14 +58,7 @@ def _rows_kernel(gram, nrm, b0, cols, floor, den, kmax, state, group_of, counts,
                 for a in range(nactive):
                     g = active[a]
                     n = float(counts[g])
-                    cpx = dots[g] / n
-                    cpp = ss[g] / n**2
-                    k = _coef(cpx, cpp, den, kmax)
-                    if k == 0:
-                        continue
-                    c = k / den
-                    e = max(nrm[r] - 2 * c * cpx + c * c * cpp, 0.0) + cols / 12.0
-                    gain = 0.5 * cols * math.log2(e0 / max(e + floor, 1e-9)) - side - 4.0
+                    gain, k = _gain(dots[g] / n, ss[g] / n**2, nrm[r], e0, cols, floor, side, den, kmax)
                     if gain > gain_max:
                         gain_max, arg, karg = gain, a, k
                 if arg >= 0 and gain_max > best_gain:
