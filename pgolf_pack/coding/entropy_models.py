@@ -87,11 +87,13 @@ def axis_hists(ys: list[np.ndarray], n: int, axis: int) -> list[np.ndarray]:
     return [line_hists(y, n, axis) for y in ys]
 
 
-class CostCache(TableCache):
-    """A :class:`TableCache` that also keeps each table's code lengths, for the fits."""
+class CostCache:
+    """The fits' code lengths of the tables for (scale index, mean index) keys under one
+    core/escape/param setting (:func:`fit_costs`), each key computed once. It keeps no
+    probability tables: the coder's own come from :class:`TableCache`."""
 
     def __init__(self, param: Param, clo: int, chi: int, esc: bool):
-        super().__init__(param, clo, chi, esc)
+        self.param, self.clo, self.chi, self.esc = param, clo, chi, esc
         # Rows live in one growing array (capacity doubles) so a lookup is one gather; the keys
         # known so far are kept sorted by their pair code, so finding them is one searchsorted.
         self._codes = np.zeros(0, np.int64)
